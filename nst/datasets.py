@@ -68,7 +68,7 @@ def toy_image(cls: int, rng: np.random.Generator, size: int = 32) -> Image.Image
     for _ in range(int(rng.integers(0, 3))):  # clutter: random thin strokes in a third colour
         c = tuple(int(v) for v in rng.integers(0, 256, 3))
         p = rng.uniform(0, ss, 4)
-        d.line([tuple(p[:2]), tuple(p[2:])], fill=c, width=int(rng.integers(2, ss // 32)))
+        d.line([tuple(p[:2]), tuple(p[2:])], fill=c, width=int(rng.integers(2, max(3, ss // 32))))
     r = rng.uniform(0.25, 0.4) * ss
     cx, cy = rng.uniform(r, ss - r, 2)
     _draw_shape(d, cls, cx, cy, r, rng.uniform(-0.5, 0.5), fg, width=int(max(4, r * rng.uniform(0.18, 0.35))))

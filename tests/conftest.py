@@ -50,3 +50,75 @@ def s3_bucket(moto_s3):
     name = f"nst-test-{uuid.uuid4().hex[:16]}"
     moto_s3.client().create_bucket(Bucket=name)
     yield name
+
+
+# ---- a tiny, fast Noisy Student project (toy data, 16 px, 1-2 epochs) ---------------------------------
+
+TINY_PARAMS = """
+seed: 0
+device: cpu
+out_dir: outputs
+threads: 2
+data:
+  name: toy
+  labeled: data/toy/labeled
+  unlabeled: data/toy/unlabeled
+  val: data/toy/val
+  test: data/toy/test
+  unlabeled_truth: data/toy/unlabeled_truth.csv
+  image_size: 16
+teacher:
+  model: nst_cnn_xs
+  epochs: 2
+  batch_size: 16
+  warmup_epochs: 0
+  noise: {randaugment_n: 0, dropout: 0.0, drop_path: 0.0}
+pseudo_label: {shard_size: 40, batch_size: 64}
+filter: {threshold: 0.0}
+generations:
+  - name: g1
+    teacher: g0
+    ratio: 2
+    student:
+      model: nst_cnn_xs
+      epochs: 2
+      batch_size: 16
+      warmup_epochs: 0
+      noise: {randaugment_n: 2, randaugment_m: 9, dropout: 0.3, drop_path: 0.1}
+  - name: g2
+    teacher: g1
+    ratio: 2
+    student:
+      model: nst_cnn_s
+      epochs: 1
+      batch_size: 16
+      warmup_epochs: 0
+      noise: {randaugment_n: 2, randaugment_m: 9, dropout: 0.3, drop_path: 0.1}
+tracking: {enabled: false}
+"""
+
+
+def make_tiny_project(root, generations: int = 2, extra: str = ""):
+    """Write a tiny project (params.yaml + toy data) into `root`; returns the params.yaml path."""
+    from pathlib import Path
+
+    import yaml
+
+    from nst.datasets import make_toy
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    make_toy(root / "data" / "toy", size=16, labeled_per_class=4, val_per_class=2, unlabeled_per_class=12,
+             test_per_class=4)
+    params = yaml.safe_load(TINY_PARAMS)
+    params["generations"] = params["generations"][:generations]
+    if extra:
+        params.update(yaml.safe_load(extra))
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return root / "params.yaml"
+
+
+@pytest.fixture
+def tiny_project(tmp_path):
+    """A fresh tiny project folder: 40 labeled, 120 unlabeled (3 shards of 40), 40 test images."""
+    return make_tiny_project(tmp_path / "proj")
