@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -21,6 +22,11 @@ import torch
 import torchvision.io as tvio
 import torchvision.transforms.v2.functional as TF
 from torch.utils.data import Dataset
+
+# torchvision 0.29 deprecates torchvision.io decoding in favour of TorchCodec; it still works and is what this project
+# pins, so the per-call warning is silenced here rather than in every caller.
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
+                        category=DeprecationWarning)
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 MEAN = (0.5, 0.5, 0.5)
@@ -177,27 +183,36 @@ class ImageDataset(Dataset):
         return img, i
 
 
-def train_transform(image_size: int, hflip: bool, randaugment: str | None) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Crop-with-padding (+ flip) always; RandAugment (timm, magnitude unclipped via `mmax`) when configured."""
-    ra = None
-    if randaugment:
-        from timm.data.auto_augment import rand_augment_transform
+class TrainTransform:
+    """Crop-with-padding (+ flip) always; RandAugment (timm, magnitude unclipped via `mmax`) when configured.
 
-        hparams = {"translate_const": max(1, int(image_size * 0.45)), "img_mean": tuple(round(255 * m) for m in MEAN)}
-        ra = rand_augment_transform(randaugment, hparams)
-    pad = max(1, image_size // 8)
+    Works on uint8 C×H×W tensors; RandAugment's ops are PIL-based, so images round-trip through PIL for it.
+    """
 
-    def tf(img: torch.Tensor) -> torch.Tensor:
-        img = TF.pad(img, [pad], padding_mode="reflect") if pad else img
+    def __init__(self, image_size: int, hflip: bool, randaugment: str | None):
+        self.image_size, self.hflip = image_size, hflip
+        self.pad = max(1, image_size // 8)
+        self.randaugment = None
+        if randaugment:
+            from timm.data.auto_augment import rand_augment_transform
+
+            hparams = {"translate_const": max(1, int(image_size * 0.45)),
+                       "img_mean": tuple(round(255 * m) for m in MEAN)}
+            self.randaugment = rand_augment_transform(randaugment, hparams)
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        size, pad = self.image_size, self.pad
+        img = TF.pad(img, [pad], padding_mode="reflect")
         top, left = random.randint(0, 2 * pad), random.randint(0, 2 * pad)
-        img = img[:, top:top + image_size, left:left + image_size]
-        if hflip and random.random() < 0.5:
+        img = img[:, top:top + size, left:left + size]
+        if self.hflip and random.random() < 0.5:
             img = img.flip(-1)
-        if ra is not None:
-            img = TF.pil_to_tensor(ra(TF.to_pil_image(img)))
+        if self.randaugment is not None:
+            img = TF.pil_to_tensor(self.randaugment(TF.to_pil_image(img)))
         return img
 
-    return tf
+
+train_transform = TrainTransform
 
 
 def seed_worker(worker_id: int) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -13,20 +15,6 @@ from nst.io import atomic_path
 def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int) -> float:
     k = min(k, logits.shape[1])
     return (logits.topk(k, 1).indices == labels[:, None]).any(1).float().mean().item()
-
-
-def ece(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> float:
-    """Expected calibration error: |accuracy - confidence| per equal-width confidence bin, weighted by bin size."""
-    probs, labels = np.asarray(probs), np.asarray(labels)
-    conf, pred = probs.max(1), probs.argmax(1)
-    correct = (pred == labels).astype(np.float64)
-    bins = np.minimum((conf * n_bins).astype(int), n_bins - 1)
-    total = 0.0
-    for b in range(n_bins):
-        m = bins == b
-        if m.any():
-            total += m.sum() * abs(correct[m].mean() - conf[m].mean())
-    return float(total / max(1, len(labels)))
 
 
 def confusion_matrix(pred: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -49,22 +37,6 @@ def _save(fig, path: Path) -> Path:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     _figure().close(fig)
     return Path(path)
-
-
-def reliability_diagram(probs: np.ndarray, labels: np.ndarray, path: Path, n_bins: int = 15, title: str = "") -> Path:
-    plt = _figure()
-    conf, pred = probs.max(1), probs.argmax(1)
-    correct = pred == labels
-    edges = np.linspace(0, 1, n_bins + 1)
-    bins = np.minimum((conf * n_bins).astype(int), n_bins - 1)
-    acc = np.array([correct[bins == b].mean() if (bins == b).any() else 0.0 for b in range(n_bins)])
-    fig, ax = plt.subplots(figsize=(4, 4))
-    ax.bar(edges[:-1], acc, width=1 / n_bins, align="edge", edgecolor="k", alpha=0.8, label="accuracy")
-    ax.plot([0, 1], [0, 1], "r--", label="perfect calibration")
-    ax.set(xlabel="confidence", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1),
-           title=f"{title} ECE={ece(probs, labels, n_bins):.3f}".strip())
-    ax.legend(loc="upper left")
-    return _save(fig, path)
 
 
 def confusion_plot(cm: np.ndarray, classes: list[str], path: Path, title: str = "") -> Path:
@@ -91,3 +63,46 @@ def histogram_plot(series: dict[str, list[float]], labels: list[str], path: Path
     ax.set(title=title, ylabel=ylabel)
     ax.legend()
     return _save(fig, path)
+
+
+def _bins(probs: Any, labels: Any, n_bins: int):
+    p, y = np.asarray(probs, dtype=np.float64), np.asarray(labels).astype(np.int64)
+    conf, correct = p.max(1), (p.argmax(1) == y).astype(np.float64)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    idx = np.searchsorted(edges[1:-1], conf, side="left")  # bins (lo, hi], as in Guo et al. 2017
+    count = np.bincount(idx, minlength=n_bins).astype(np.float64)
+    acc = np.bincount(idx, weights=correct, minlength=n_bins)
+    cf = np.bincount(idx, weights=conf, minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return edges, count, acc / count, cf / count
+
+
+def ece(probs: Any, labels: Any, n_bins: int = 15) -> float:
+    """Expected calibration error: Σ_b |B_b|/N · |acc(B_b) - conf(B_b)| over equal-width confidence bins."""
+    _, count, acc, conf = _bins(probs, labels, n_bins)
+    keep = count > 0
+    return float(np.sum(count[keep] / count.sum() * np.abs(acc[keep] - conf[keep])))
+
+
+def reliability_diagram(probs: Any, labels: Any, path: str | os.PathLike, n_bins: int = 15, title: str = "") -> str:
+    """Accuracy vs confidence per bin as a PNG, written atomically (Figure + Agg canvas: no pyplot global state)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    edges, count, acc, conf = _bins(probs, labels, n_bins)
+    fig = Figure(figsize=(4, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    width = edges[1] - edges[0]
+    keep = count > 0
+    ax.bar(edges[:-1][keep], acc[keep], width=width, align="edge", edgecolor="black", label="accuracy")
+    ax.bar(edges[:-1][keep], (conf - acc)[keep], bottom=acc[keep], width=width, align="edge", color="red",
+           alpha=0.3, label="gap")
+    ax.plot([0, 1], [0, 1], "k--", linewidth=1)
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy",
+           title=(title + " " if title else "") + f"ECE = {ece(probs, labels, n_bins):.4f}")
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    return str(path)

@@ -60,6 +60,6 @@ def _robustness(cfg: Config, gen: str, model, ds, labels, device, out) -> dict:
     if gen != "g0" and reference is None:
         raise FileNotFoundError(f"{ref_file}: evaluate g0 (the reference for mCE) before {gen}")
     images = ds.all_raw()
-    report = robustness_report(model, images, labels, cfg.evaluate, seed=cfg.seed, device=device, reference=reference)
-    atomic_write_json(out / "corruption_errors.json", report["reference"])
-    return report["metrics"]
+    result = robustness_report(model, images, labels, cfg.evaluate, seed=cfg.seed, device=device, reference=reference)
+    atomic_write_json(out / "corruption_errors.json", result.reference)
+    return result.metrics

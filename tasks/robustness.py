@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from nst.io import atomic_path
+from nst.metrics import ece, reliability_diagram
 
 __all__ = [
     "DEFAULT_CORRUPTIONS", "MIN_CORRUPT_SIZE", "POINTWISE_CORRUPTIONS", "NOISE_PERTURBATIONS", "Normalize", "pixel_model",
@@ -413,51 +414,6 @@ def adversarial_accuracy(model: nn.Module, images: Any, labels: Any, epsilons: S
                         correct += int((model(adv).argmax(1) == y).sum())
                 out[f"robust/{name}_acc_{key}"] = correct / max(1, len(x_all))
     return out
-
-
-# ---- calibration ------------------------------------------------------------------------------------------------
-
-def _bins(probs: Any, labels: Any, n_bins: int):
-    p, y = np.asarray(probs, dtype=np.float64), np.asarray(labels).astype(np.int64)
-    conf, correct = p.max(1), (p.argmax(1) == y).astype(np.float64)
-    edges = np.linspace(0.0, 1.0, n_bins + 1)
-    idx = np.searchsorted(edges[1:-1], conf, side="left")  # bins (lo, hi], as in Guo et al. 2017
-    count = np.bincount(idx, minlength=n_bins).astype(np.float64)
-    acc = np.bincount(idx, weights=correct, minlength=n_bins)
-    cf = np.bincount(idx, weights=conf, minlength=n_bins)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return edges, count, acc / count, cf / count
-
-
-def ece(probs: Any, labels: Any, n_bins: int = 15) -> float:
-    """Expected calibration error: Σ_b |B_b|/N · |acc(B_b) - conf(B_b)| over equal-width confidence bins."""
-    _, count, acc, conf = _bins(probs, labels, n_bins)
-    keep = count > 0
-    return float(np.sum(count[keep] / count.sum() * np.abs(acc[keep] - conf[keep])))
-
-
-def reliability_diagram(probs: Any, labels: Any, path: str | os.PathLike, n_bins: int = 15, title: str = "") -> str:
-    """Accuracy vs confidence per bin as a PNG, written atomically (Figure + Agg canvas: no pyplot global state)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    edges, count, acc, conf = _bins(probs, labels, n_bins)
-    fig = Figure(figsize=(4, 4), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    width = edges[1] - edges[0]
-    keep = count > 0
-    ax.bar(edges[:-1][keep], acc[keep], width=width, align="edge", edgecolor="black", label="accuracy")
-    ax.bar(edges[:-1][keep], (conf - acc)[keep], bottom=acc[keep], width=width, align="edge", color="red",
-           alpha=0.3, label="gap")
-    ax.plot([0, 1], [0, 1], "k--", linewidth=1)
-    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy",
-           title=(title + " " if title else "") + f"ECE = {ece(probs, labels, n_bins):.4f}")
-    ax.legend(loc="upper left")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    return str(path)
 
 
 # ---- the report ------------------------------------------------------------------------------------------------
