@@ -42,7 +42,7 @@ def ensure_builtin_data(cfg) -> None:
     root = cfg.data.labeled.parent
     if cfg.data.name == "toy":
         logging.getLogger("nst").info("generating the toy dataset in %s", root)
-        make_toy(root, seed=cfg.seed)
+        make_toy(root, seed=0)  # the dataset seed is fixed (as in dvc.yaml's `data` stage); `seed` drives training
     elif cfg.data.name.startswith("digits"):
         k = int(cfg.data.name.split("-")[1]) if "-" in cfg.data.name else 10
         make_digits(root, labels_per_class=k, seed=cfg.seed)
@@ -52,14 +52,19 @@ def cmd_data(args) -> None:
     from nst.datasets import make_digits, make_toy
 
     if args.data_cmd == "toy":
-        print(make_toy(Path(args.out), seed=args.seed, force=args.force))
+        sizes = {k: getattr(args, k) for k in ("size", "labeled_per_class", "val_per_class", "unlabeled_per_class",
+                                               "test_per_class") if getattr(args, k) is not None}
+        print(make_toy(Path(args.out), seed=args.seed, force=args.force, **sizes))
     elif args.data_cmd == "digits":
         out = Path(args.out or f"data/digits-{args.labels_per_class}")
         print(make_digits(out, labels_per_class=args.labels_per_class, seed=args.seed, force=args.force))
     elif args.data_cmd == "pull":
-        from nst.s3 import pull_prefix
+        from nst.s3 import S3PullError, pull_prefix
 
-        _print(pull_prefix(args.uri, Path(args.dest), endpoint_url=args.endpoint_url, max_workers=args.workers))
+        try:
+            _print(pull_prefix(args.uri, Path(args.dest), endpoint_url=args.endpoint_url, max_workers=args.workers))
+        except S3PullError as e:  # objects still failing after retries: one line, like every other bad input
+            raise ValueError(str(e)) from None
 
 
 def cmd_stage(args) -> None:
@@ -86,11 +91,29 @@ def cmd_run(args) -> None:
 
     cfg = _cfg(args)
     ensure_builtin_data(cfg)
-    from nst.pipeline import run_direct
+    if args.no_prefect:
+        from nst.pipeline import run_direct
 
-    rows = run_direct(cfg)
+        rows = run_direct(cfg)
+    else:
+        rows = run_flow(args.params, args.overrides)
     print(text_table(rows))
     print(f"\noutputs: {cfg.out_dir}  (summary.md, per-generation folders)")
+
+
+def run_flow(params_path: str, overrides: list[str] | None = None) -> list[dict]:
+    """The Prefect flow `noisy-student` (flows/noisy_student.py), in this process. Without PREFECT_API_URL Prefect
+    starts a temporary local server for the run (ephemeral mode; the first run on a new PREFECT_HOME spends
+    ~30 s creating its database): nothing to start by hand. With PREFECT_API_URL set, the run shows in that server."""
+    import os
+
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")  # default 20 s is too short
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "nst")  # before Prefect configures logging
+    from nst.config import parse_overrides
+
+    from flows.noisy_student import noisy_student
+
+    return noisy_student(params_path=str(params_path), overrides=parse_overrides(overrides) or None)
 
 
 def cmd_table(args) -> None:
@@ -98,6 +121,42 @@ def cmd_table(args) -> None:
 
     rows, _ = write_summary(_cfg(args))
     print(markdown_table(rows) if args.markdown else text_table(rows))
+
+
+def cmd_compare(args) -> None:
+    """The generation table from the tracking server (MLflow), for the latest pipeline run or --run-id."""
+    from nst.io import atomic_write_text
+    from nst.report import markdown_table, text_table
+    from nst.tracking import compare_rows, tracking_uri, write_csv
+
+    cfg = load_config(args.params, args.overrides, check_models=False)
+    from mlflow.exceptions import MlflowException
+
+    try:
+        parent, rows = compare_rows(cfg, args.run_id)
+    except MlflowException as e:
+        raise ValueError(f"{tracking_uri(cfg)}: {e.message}") from None
+    print(f"pipeline run {parent.info.run_id} ({parent.info.run_name}, {parent.info.status}) at {tracking_uri(cfg)}")
+    print(text_table(rows))
+    if args.csv:
+        print(f"csv: {write_csv(rows, args.csv)}")
+    if args.markdown:
+        print(f"markdown: {atomic_write_text(args.markdown, markdown_table(rows))}")
+
+
+def cmd_track(args) -> None:
+    """Log a finished pipeline's outputs to MLflow (e.g. after a tracking outage)."""
+    from nst.tracking import track_finished, tracking_errors
+
+    cfg = load_config(args.params, args.overrides, check_models=False)
+    if not cfg.tracking.enabled:
+        raise ValueError(f"{args.params}: tracking.enabled is false (override with -S tracking.enabled=true)")
+    before = len(tracking_errors(cfg))
+    run_id = track_finished(cfg)
+    errors = tracking_errors(cfg)[before:]
+    if run_id is None or errors:
+        raise ValueError(f"tracking failed ({len(errors)} errors, see {cfg.out_dir / 'tracking_errors.json'})")
+    print(f"pipeline run {run_id}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", default="data/toy")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--force", action="store_true")
+    for flag in ("size", "labeled-per-class", "val-per-class", "unlabeled-per-class", "test-per-class"):
+        t.add_argument(f"--{flag}", type=int, default=None, help="default: nst.datasets.make_toy's")
     g = dsub.add_parser("digits", help="scikit-learn's bundled digits, K labels per class")
     g.add_argument("--labels-per-class", type=int, required=True)
     g.add_argument("--out", default=None, help="default data/digits-K")
@@ -141,11 +202,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="the whole pipeline: teacher, then every generation; prints the table")
     _add_cfg(r)
+    r.add_argument("--no-prefect", action="store_true",
+                   help="call the stage functions directly instead of running the Prefect flow")
     r.set_defaults(func=cmd_run)
     tb = sub.add_parser("table", help="print the generation table from finished outputs")
     _add_cfg(tb)
     tb.add_argument("--markdown", action="store_true")
     tb.set_defaults(func=cmd_table)
+    cp = sub.add_parser("compare", help="the generation table from the MLflow tracking server (latest pipeline run)")
+    _add_cfg(cp)
+    cp.add_argument("--run-id", default=None, help="a pipeline (parent) run id; default: the latest")
+    cp.add_argument("--csv", default=None, metavar="PATH", help="also write the table as CSV")
+    cp.add_argument("--markdown", default=None, metavar="PATH", help="also write the table as Markdown")
+    cp.set_defaults(func=cmd_compare)
+    tr = sub.add_parser("track", help="log finished outputs to MLflow (after a tracking outage)")
+    _add_cfg(tr)
+    tr.set_defaults(func=cmd_track)
     return ap
 
 
@@ -153,11 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    from nst.data import DataError
-
     try:
         args.func(args)
-    except (ConfigError, DataError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, FileNotFoundError, ValueError) as e:  # incl. nst.data.DataError (no torch import)
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

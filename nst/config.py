@@ -211,7 +211,9 @@ class Config(_Strict):
         return self.out_dir / name
 
     def model_dir(self, name: str) -> Path:
-        return self.gen_dir(name) / ("teacher" if name == "g0" else "student")
+        """`outputs/gN/model` for every generation (g0 = the teacher): one path pattern, so dvc.yaml's foreach can
+        name a generation's teacher weights as `outputs/${item.teacher}/model/...`."""
+        return self.gen_dir(name) / "model"
 
     def generation(self, name: str) -> GenerationConfig:
         for g in self.generations:
@@ -347,11 +349,31 @@ def check_model_sizes(cfg: Config, source: str = "params.yaml") -> None:
         prev_field, prev = field, counts[field]
 
 
+def portable_dump(cfg: Config) -> dict:
+    """`cfg.model_dump(mode="json")` with paths inside the project relative to params.yaml's folder (as written in
+    params.yaml), so the files that record a config are the same bytes in every clone of the project."""
+    d = cfg.model_dump(mode="json")
+
+    def rel(p: str | None) -> str | None:
+        if p is None:
+            return None
+        try:
+            return Path(p).relative_to(cfg.root).as_posix()
+        except ValueError:
+            return p  # outside the project: keep it absolute
+
+    d["out_dir"] = rel(d["out_dir"])
+    for f in ("labeled", "unlabeled", "test", "val", "unlabeled_truth"):
+        d["data"][f] = rel(d["data"][f])
+    return d
+
+
 def write_effective_config(cfg: Config, out_dir: Path, stage: str, extra: dict | None = None) -> Path:
     """The effective config next to a stage's outputs (timm-style), so every result explains itself."""
     from nst.io import atomic_write_json
 
-    body = {"stage": stage, "config": cfg.model_dump(mode="json"), "config_hash": cfg.section_hash()}
+    config = portable_dump(cfg)
+    body = {"stage": stage, "config": config, "config_hash": text_sha256(json.dumps(config, sort_keys=True))[:16]}
     if extra:
         body.update(extra)
     return atomic_write_json(Path(out_dir) / "config.json", body)

@@ -19,11 +19,10 @@ def generation_rows(cfg: Config) -> list[dict]:
             continue
         meta, m = read_meta(mdir), read_json(mfile)
         stats_f = cfg.gen_dir(name) / "balanced" / "stats.json"
-        teacher_top1 = prev if name == "g0" or prev is None else prev
         row = {
             "generation": name, "role": "teacher" if name == "g0" else "student", "model": meta["model"],
             "params": meta["params"], "test_top1": m["test/top1"],
-            "delta_vs_teacher": None if name == "g0" or teacher_top1 is None else m["test/top1"] - teacher_top1,
+            "delta_vs_teacher": None if prev is None else m["test/top1"] - prev,  # vs. this generation's teacher
             "test_ece": m["test/ece"],
             "kept_fraction": read_json(stats_f)["kept_fraction"] if stats_f.is_file() else None,
         }

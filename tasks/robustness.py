@@ -25,7 +25,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from nst.io import atomic_path
 from nst.metrics import ece, reliability_diagram
 
 __all__ = [

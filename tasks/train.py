@@ -25,11 +25,15 @@ def _meta(cfg: Config, name: str, role: str, classes: list[str], config_hash: st
 
 def _train_hash(cfg: Config, name: str, *inputs: str) -> str:
     """What a model depends on: its training config, the data config, the seed and its input files' content."""
+    import json
+
+    from nst.config import portable_dump
     from nst.io import text_sha256
 
     tc = cfg.train_config(name)
     extra = cfg.generation(name).model_dump_json() if name != "g0" else ""
-    return text_sha256("|".join([tc.model_dump_json(), extra, cfg.data.model_dump_json(), str(cfg.seed), *inputs]))[:16]
+    data = json.dumps(portable_dump(cfg)["data"], sort_keys=True)  # relative paths: the same hash in every clone
+    return text_sha256("|".join([tc.model_dump_json(), extra, data, str(cfg.seed), *inputs]))[:16]
 
 
 def _labeled(cfg: Config, noise_ra: str | None):

@@ -14,7 +14,12 @@ os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from servers import ServerProcess, start_moto_server  # noqa: E402  (tests/ is on sys.path via rootdir conftest)
+from servers import (  # noqa: E402  (tests/ is on sys.path via rootdir conftest)
+    ServerProcess,
+    prefect_env,
+    start_moto_server,
+    start_prefect_server,
+)
 
 
 @dataclass
@@ -50,6 +55,29 @@ def s3_bucket(moto_s3):
     name = f"nst-test-{uuid.uuid4().hex[:16]}"
     moto_s3.client().create_bucket(Bucket=name)
     yield name
+
+
+@dataclass
+class PrefectServer:
+    server: ServerProcess
+    api_url: str
+    home: "os.PathLike"
+    tmpdir: "os.PathLike"
+
+    def env(self, **extra: str) -> dict[str, str]:
+        """os.environ + what a Prefect client of this server needs (API URL, PREFECT_HOME, TMPDIR) + `extra`."""
+        return {**os.environ, **prefect_env(self.api_url, self.home, self.tmpdir), **extra}
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    """One real `prefect server start` per session (~25 s cold: migrations on a fresh PREFECT_HOME); by PID."""
+    tmp = tmp_path_factory.mktemp("prefect")
+    server = start_prefect_server(tmp)
+    try:
+        yield PrefectServer(server=server, api_url=server.api_url, home=server.home, tmpdir=tmp)
+    finally:
+        server.stop()
 
 
 # ---- a tiny, fast Noisy Student project (toy data, 16 px, 1-2 epochs) ---------------------------------

@@ -188,3 +188,108 @@ def start_moto_server(tmpdir: str | os.PathLike, *, ready_timeout: float = 30.0)
         ready_timeout=ready_timeout,
         name="moto_server",
     )
+
+
+def start_mlflow_server(
+    tmpdir: str | os.PathLike,
+    *,
+    backend_store_uri: str | None = None,
+    artifacts_destination: str | None = None,
+    s3_endpoint_url: str | None = None,
+    ready_timeout: float = 90.0,
+) -> ServerProcess:
+    """`mlflow server` (REFERENCE §5) on a free port: SQLite backend in `tmpdir` unless given, artifacts proxied by
+    the server (clients get `mlflow-artifacts:/` URIs and need no S3 credentials) to `artifacts_destination`, e.g.
+    `s3://bucket/prefix` on the moto server at `s3_endpoint_url`. One worker, no job runner (else ~10 processes)."""
+    tmpdir = Path(tmpdir)
+    port = free_port()
+    cmd = [venv_executable("mlflow"), "server", "--host", HOST, "--port", str(port), "--workers", "1",
+           "--backend-store-uri", backend_store_uri or f"sqlite:///{tmpdir / 'mlflow.db'}",
+           "--artifacts-destination", artifacts_destination or str(tmpdir / "mlartifacts")]
+    env = {
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "DO_NOT_TRACK": "true",
+        "AWS_ACCESS_KEY_ID": os.environ.get("AWS_ACCESS_KEY_ID", "testing"),
+        "AWS_SECRET_ACCESS_KEY": os.environ.get("AWS_SECRET_ACCESS_KEY", "testing"),
+        "AWS_DEFAULT_REGION": os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
+    }
+    if s3_endpoint_url:
+        env["MLFLOW_S3_ENDPOINT_URL"] = s3_endpoint_url
+    return ServerProcess(cmd, port=port, log_path=tmpdir / "mlflow_server.log", ready_path="/health", env=env,
+                         cwd=tmpdir, ready_timeout=ready_timeout, name="mlflow_server")
+
+
+def prefect_env(api_url: str, home: str | os.PathLike, tmpdir: str | os.PathLike | None = None) -> dict[str, str]:
+    """Environment for Prefect clients (CLI, workers, flow processes) of a test server: its API URL, its own
+    PREFECT_HOME, no telemetry, and a private TMPDIR (the runner writes `$TMPDIR/runner_storage`)."""
+    env = {
+        "PREFECT_API_URL": api_url,
+        "PREFECT_HOME": str(home),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DO_NOT_TRACK": "1",
+        "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
+    }
+    if tmpdir is not None:
+        env["TMPDIR"] = str(tmpdir)
+    return env
+
+
+def start_prefect_server(tmpdir: str | os.PathLike, *, ready_timeout: float = 180.0) -> ServerProcess:
+    """`prefect server start` (REFERENCE §4) on a free port with a fresh PREFECT_HOME (SQLite) in `tmpdir`:
+    ~25 s cold (database migrations), so share one per test session. The UI is off (not needed by tests).
+    The returned server has `.api_url` and `.home`; `prefect_env(server.api_url, server.home)` configures clients."""
+    tmpdir = Path(tmpdir)
+    home = tmpdir / "prefect-home"
+    home.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    env = prefect_env(f"http://{HOST}:{port}/api", home, tmpdir)
+    env["PREFECT_UI_ENABLED"] = "false"
+    server = ServerProcess(
+        [venv_executable("prefect"), "server", "start", "--host", HOST, "--port", str(port)],
+        port=port,
+        log_path=tmpdir / "prefect_server.log",
+        ready_path="/api/health",
+        env=env,
+        cwd=tmpdir,
+        ready_timeout=ready_timeout,
+        name="prefect_server",
+    )
+    server.api_url = f"{server.url}/api"
+    server.home = home
+    return server
+
+
+def start_prefect_worker(
+    tmpdir: str | os.PathLike,
+    api_url: str,
+    home: str | os.PathLike,
+    pool: str,
+    *,
+    cwd: str | os.PathLike | None = None,
+    env: Mapping[str, str] | None = None,
+    ready_timeout: float = 60.0,
+) -> ServerProcess:
+    """`prefect worker start --pool POOL --with-healthcheck`: ready once its health endpoint (on a free port)
+    answers. It polls every second. Stop it (by PID, via `stop()`) before the server."""
+    tmpdir = Path(tmpdir)
+    port = free_port()
+    full_env = prefect_env(api_url, home, tmpdir)
+    full_env.update({
+        "PREFECT_WORKER_WEBSERVER_HOST": HOST,
+        "PREFECT_WORKER_WEBSERVER_PORT": str(port),
+        "PREFECT_WORKER_QUERY_SECONDS": "1",
+        "PREFECT_RUNNER_POLL_FREQUENCY": "1",
+    })
+    if env:
+        full_env.update(env)
+    return ServerProcess(
+        [venv_executable("prefect"), "worker", "start", "--pool", pool, "--with-healthcheck"],
+        port=port,
+        log_path=tmpdir / f"prefect_worker_{pool}.log",
+        ready_path="/health",
+        env=full_env,
+        cwd=cwd or tmpdir,
+        ready_timeout=ready_timeout,
+        name=f"prefect_worker[{pool}]",
+    )

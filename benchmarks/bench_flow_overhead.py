@@ -1,0 +1,127 @@
+"""Prefect's overhead: the `noisy-student` flow vs. the same stage functions called directly (`run_direct`).
+
+Both run the same config into fresh, separate out_dirs (shared input data), alternating, after one warm-up run of
+each (torch's first-call costs, and Prefect's server start). Prints wall times, medians and the flow/direct ratio
+(goal <= 1.10 with an existing Prefect database), and separately the one-time cold start: Prefect's ephemeral
+server on a brand-new PREFECT_HOME (database migrations).
+
+    python benchmarks/bench_flow_overhead.py                      # the tiny test project (worst case: ~5 s runs)
+    python benchmarks/bench_flow_overhead.py --params params.yaml -S teacher.epochs=20 --repeats 2
+
+Without PREFECT_API_URL the flow runs in ephemeral mode (a temporary local server in this process), as `nst run`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _tiny_project(root: Path) -> Path:
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import make_tiny_project  # the tests' tiny toy project: 40 labeled, 120 unlabeled images
+
+    return make_tiny_project(root, generations=2)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--params", default=None, help="params.yaml to benchmark (default: the tiny test project)")
+    ap.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--no-warmup", action="store_true", help="skip the warm-up runs (long pipelines)")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    args = ap.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="nst-bench-"))
+    if not os.environ.get("PREFECT_API_URL"):
+        os.environ.setdefault("PREFECT_HOME", str(work / "prefect-home"))  # fresh: measures the cold start
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")  # console logging is not what we measure
+    import logging
+
+    logging.getLogger("nst").setLevel(logging.WARNING)
+
+    params = Path(args.params).resolve() if args.params else _tiny_project(work / "proj")
+    from nst.cli import ensure_builtin_data
+    from nst.config import load_config, parse_overrides
+
+    base = parse_overrides(args.overrides)
+    cfg0 = load_config(params, base)
+    ensure_builtin_data(cfg0)
+    if cfg0.threads:
+        import torch
+
+        torch.set_num_threads(cfg0.threads)
+
+    from nst.pipeline import run_direct
+
+    cpu: dict[str, float] = {}
+
+    def _cpu() -> float:
+        t = os.times()
+        return t.user + t.system
+
+    def direct(tag: str) -> float:
+        cfg = load_config(params, base | {"out_dir": str(work / tag)})
+        t, c = time.perf_counter(), _cpu()
+        run_direct(cfg)
+        cpu[tag] = _cpu() - c
+        return time.perf_counter() - t
+
+    t = time.perf_counter()
+    from prefect import flow
+
+    @flow(name="bench-noop")
+    def noop() -> int:
+        return 1
+
+    noop()
+    cold = time.perf_counter() - t
+    from flows.noisy_student import noisy_student
+
+    def with_prefect(tag: str) -> float:
+        t, c = time.perf_counter(), _cpu()
+        noisy_student(str(params), base | {"out_dir": str(work / tag)})
+        cpu[tag] = _cpu() - c
+        return time.perf_counter() - t
+
+    print(f"config: {params} {base or ''}  ({len(cfg0.generations)} generations)")
+    print(f"cold start (import prefect + first flow run, {'server ' + os.environ['PREFECT_API_URL'] if os.environ.get('PREFECT_API_URL') else 'ephemeral server, new PREFECT_HOME'}): {cold:.1f} s")
+    if not args.no_warmup:
+        print(f"warm-up: direct {direct('warm-direct'):.1f} s, flow {with_prefect('warm-flow'):.1f} s")
+    d, f = [], []
+    for i in range(args.repeats):
+        d.append(direct(f"direct-{i}"))
+        f.append(with_prefect(f"flow-{i}"))
+        print(f"run {i + 1}: direct {d[-1]:.2f} s  flow {f[-1]:.2f} s  ratio {f[-1] / d[-1]:.3f}   "
+              f"(CPU time of this process: direct {cpu[f'direct-{i}']:.2f} s, flow {cpu[f'flow-{i}']:.2f} s)")
+    md, mf = statistics.median(d), statistics.median(f)
+    print(f"median: direct {md:.2f} s  flow {mf:.2f} s  overhead {mf - md:+.2f} s  ratio {mf / md:.3f} "
+          f"(goal <= 1.10)")
+    cd = statistics.median(cpu[f"direct-{i}"] for i in range(args.repeats))
+    cf = statistics.median(cpu[f"flow-{i}"] for i in range(args.repeats))
+    print(f"median CPU time of this process (less sensitive to other load; the ephemeral server's own CPU is not "
+          f"in it): direct {cd:.2f} s  flow {cf:.2f} s  ratio {cf / cd:.3f}")
+    if os.environ.get("NST_MAX_WORKERS") != "1":
+        print("note: the flow labels shards concurrently (NST_MAX_WORKERS=1 for a like-for-like sequential run)")
+    # Nothing left to do: the direct path's stage functions skip, the flow's tasks come from its cache.
+    print(f"rerun of a finished out_dir: direct {direct('direct-0'):.2f} s, flow {with_prefect('flow-0'):.2f} s")
+    if args.keep:
+        print(f"kept {work}")
+    else:
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""Resume, not recompute: the flow killed with SIGKILL in the middle of a student's training, then re-run, skips
+every task that had finished (content-keyed cache, persisted results), resumes the student from its last epoch,
+and ends with the same metrics as an uninterrupted run. And a shard that really fails fails the flow, named.
+
+The flows run in subprocesses against the session's Prefect server (tests/conftest.py `prefect_server`);
+`NST_EXECUTION_LOG` makes every task body that really executes append its run name to a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import make_tiny_project
+from prefect_api import client_for, run_for_params
+
+ROOT = Path(__file__).resolve().parents[1]
+STUDENT_EPOCHS = 8  # long enough to be killed in the middle
+OVERRIDES = {"generations.0.student.epochs": STUDENT_EPOCHS}
+FINISHED_BEFORE_THE_STUDENT = {"prepare", "g0/train-teacher", "g0/evaluate", "g1/pseudo-label-shard-0",
+                               "g1/pseudo-label-shard-1", "g1/pseudo-label-shard-2", "g1/filter-balance"}
+
+pytestmark = pytest.mark.slow
+
+_RUN = ("import json, sys\n"
+        "from flows.noisy_student import noisy_student\n"
+        "noisy_student(sys.argv[1], json.loads(sys.argv[2]))\n")
+
+
+def _start(prefect_server, params: Path, exec_log: Path, overrides: dict | None, log: Path) -> subprocess.Popen:
+    env = prefect_server.env(NST_EXECUTION_LOG=str(exec_log))
+    with open(log, "wb") as out:
+        return subprocess.Popen([sys.executable, "-c", _RUN, str(params), json.dumps(overrides)], cwd=params.parent,
+                                env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)  # its own process group: kill -9 takes all of it
+
+
+def _run(prefect_server, params: Path, exec_log: Path, overrides: dict | None, log: Path,
+         timeout: float = 240) -> int:
+    proc = _start(prefect_server, params, exec_log, overrides, log)
+    try:
+        return proc.wait(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _executed(exec_log: Path) -> list[str]:
+    return exec_log.read_text().split() if exec_log.is_file() else []
+
+
+def test_kill_9_mid_student_then_rerun_skips_finished_tasks_and_matches(prefect_server, tmp_path):
+    # reference: the same pipeline, never interrupted, in its own project
+    ref = make_tiny_project(tmp_path / "ref", generations=1)
+    assert _run(prefect_server, ref, tmp_path / "ref.exec", OVERRIDES, tmp_path / "ref.log") == 0, \
+        (tmp_path / "ref.log").read_text()[-3000:]
+
+    params = make_tiny_project(tmp_path / "proj", generations=1)
+    out = params.parent / "outputs"
+    state = out / "g1" / "model" / "train_state.pt"
+    first_log = tmp_path / "first.exec"
+    proc = _start(prefect_server, params, first_log, OVERRIDES, tmp_path / "first.log")
+    try:
+        deadline = time.monotonic() + 240
+        while not state.is_file():  # the student has finished its first epoch
+            assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the student never saved a checkpoint"
+            time.sleep(0.01)
+        os.killpg(proc.pid, signal.SIGKILL)  # kill -9, the whole process group
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    import torch
+
+    epochs_done = torch.load(state, map_location="cpu", weights_only=True)["epoch"] + 1
+    assert 1 <= epochs_done < STUDENT_EPOCHS, "killed too late: no middle to resume from"
+    assert not (out / "g1" / "model" / "model.json").exists()
+    assert set(_executed(first_log)) == FINISHED_BEFORE_THE_STUDENT | {"g1/train-student"}
+
+    second_log = tmp_path / "second.exec"
+    assert _run(prefect_server, params, second_log, OVERRIDES, tmp_path / "second.log") == 0, \
+        (tmp_path / "second.log").read_text()[-3000:]
+    rerun = _executed(second_log)
+    assert not set(rerun) & FINISHED_BEFORE_THE_STUDENT, f"finished tasks ran again: {rerun}"
+    assert sorted(rerun) == ["dvc-record", "g1/evaluate", "g1/train-student"], rerun
+    assert f"resuming at epoch {epochs_done + 1}/{STUDENT_EPOCHS}" in (tmp_path / "second.log").read_text()
+
+    got = json.loads((out / "g1" / "eval" / "metrics.json").read_text())
+    want = json.loads((ref.parent / "outputs" / "g1" / "eval" / "metrics.json").read_text())
+    assert got == want
+    with client_for(prefect_server.api_url) as client:
+        assert run_for_params(client, str(params)).state.is_completed()
+
+
+def test_a_failing_shard_fails_the_flow_and_names_the_shard(prefect_server, tmp_path):
+    params = make_tiny_project(tmp_path / "proj", generations=1)
+    teacher_only = {"generations": []}
+    assert _run(prefect_server, params, tmp_path / "a.exec", teacher_only, tmp_path / "a.log") == 0, \
+        (tmp_path / "a.log").read_text()[-3000:]
+
+    # A real fault: bit rot in one unlabeled image of shard 1 (size and mtime kept, so nothing upstream notices).
+    out = params.parent / "outputs"
+    manifest = pq.read_table(out / "data" / "unlabeled.parquet")
+    victim = params.parent / manifest.column("path")[40].as_py()  # shard_size 40: row 40 opens shard 1
+    st = victim.stat()
+    victim.write_bytes(b"\0not an image\0".ljust(st.st_size, b"\0"))
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+    log = tmp_path / "b.log"
+    assert _run(prefect_server, params, tmp_path / "b.exec", None, log) != 0
+    text = log.read_text()
+    assert "ShardFailure" in text and "g1/pseudo-label-shard-1" in text
+    assert "g1/pseudo-label-shard-0," not in text and "g1/pseudo-label-shard-2" not in text.split("ShardFailure")[-1]
+    executed = _executed(tmp_path / "b.exec")
+    assert sorted(executed) == ["g1/pseudo-label-shard-0", "g1/pseudo-label-shard-1", "g1/pseudo-label-shard-2"]
+    pseudo = out / "g1" / "pseudo"
+    assert sorted(p.name for p in pseudo.glob("shard-*.parquet")) == ["shard-00000-of-00003.parquet",
+                                                                      "shard-00002-of-00003.parquet"]
+    assert not (out / "g1" / "balanced").exists()  # nothing downstream ran
+    with client_for(prefect_server.api_url) as client:
+        run = run_for_params(client, str(params))
+        assert run.state.is_failed(), run.state
+        assert "g1/pseudo-label-shard-1" in run.state.message, run.state.message
+
+
+def test_an_invalid_config_fails_the_flow_with_the_one_line_error(prefect_server, tmp_path):
+    params = make_tiny_project(tmp_path / "proj", generations=1)
+    log = tmp_path / "run.log"
+    assert _run(prefect_server, params, tmp_path / "x.exec", {"filter.threshold": 2}, log) != 0
+    assert not _executed(tmp_path / "x.exec")  # nothing ran
+    with client_for(prefect_server.api_url) as client:
+        run = run_for_params(client, str(params))
+    assert run.state.is_failed()
+    assert "filter.threshold = 2: Input should be less than or equal to 1" in run.state.message, run.state.message
