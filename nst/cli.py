@@ -109,6 +109,14 @@ def run_flow(params_path: str, overrides: list[str] | None = None) -> list[dict]
 
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")  # default 20 s is too short
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "nst")  # before Prefect configures logging
+    if "prefect" not in sys.modules:
+        # Prefect's console handler prints run logs with their flow/task run names and keeps the HTTP client's
+        # INFO lines out; it installs itself on the root logger only when that has no handler of ours.
+        root = logging.getLogger()
+        for h in list(root.handlers):
+            root.removeHandler(h)
+        if root.level < logging.INFO:
+            os.environ.setdefault("PREFECT_LOGGING_LEVEL", logging.getLevelName(root.level))
     from nst.config import parse_overrides
 
     from flows.noisy_student import noisy_student
@@ -225,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "httpcore"):  # one INFO line per Prefect API request otherwise
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         args.func(args)
     except (ConfigError, FileNotFoundError, ValueError) as e:  # incl. nst.data.DataError (no torch import)

@@ -102,6 +102,16 @@ def test_kill_9_mid_student_then_rerun_skips_finished_tasks_and_matches(prefect_
     with client_for(prefect_server.api_url) as client:
         assert run_for_params(client, str(params)).state.is_completed()
 
+    # a cached result never stands in for deleted outputs: that stage (only) runs again
+    import shutil
+
+    shutil.rmtree(out / "g1" / "eval")
+    third_log = tmp_path / "third.exec"
+    assert _run(prefect_server, params, third_log, OVERRIDES, tmp_path / "third.log") == 0, \
+        (tmp_path / "third.log").read_text()[-3000:]
+    assert sorted(_executed(third_log)) == ["dvc-record", "g1/evaluate"]
+    assert json.loads((out / "g1" / "eval" / "metrics.json").read_text()) == want
+
 
 def test_a_failing_shard_fails_the_flow_and_names_the_shard(prefect_server, tmp_path):
     params = make_tiny_project(tmp_path / "proj", generations=1)
