@@ -36,8 +36,9 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 # Child processes (process task runner, flow-run subprocesses) configure Prefect logging from the environment.
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "nst")
@@ -121,7 +122,7 @@ def _project_imports(name: str, path: Path) -> set[str]:
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def code_version(module: str) -> str:
     """sha256 over the source of `module` and every project module it imports, transitively.
 

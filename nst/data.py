@@ -162,7 +162,10 @@ class ImageDataset(Dataset):
             self._cache = torch.stack([self._load(p) for p in self.paths]) if self.paths else None
 
     def _load(self, path: str) -> torch.Tensor:
-        img = decode(path)
+        try:
+            img = decode(path)
+        except RuntimeError as e:  # e.g. a file corrupted after `prepare` checked it: name the culprit
+            raise DataError(f"{path}: cannot decode image ({str(e).splitlines()[0][:200]})") from None
         if img.shape[-2:] != (self.image_size, self.image_size):
             img = TF.resize(img, [self.image_size, self.image_size], antialias=True)
         return img

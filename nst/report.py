@@ -9,6 +9,19 @@ from nst.config import Config
 from nst.io import atomic_write_json, atomic_write_text, read_json
 
 COLUMNS = ["generation", "role", "model", "params", "test_top1", "delta_vs_teacher", "test_ece", "kept_fraction"]
+ROBUST_KEYS = ("robust/mce", "robust/relative_mce", "robust/mean_flip_rate")
+
+
+def robust_summary(metrics: dict) -> dict:
+    """The robustness numbers worth a column (when `evaluate.enabled`): mCE, relative mCE, flip rate, attacks."""
+    return {k: v for k, v in metrics.items()
+            if k in ROBUST_KEYS or k.startswith(("robust/fgsm_acc", "robust/pgd_acc"))}
+
+
+def columns(rows: list[dict]) -> list[str]:
+    extra = sorted({k for r in rows for k in r if k.startswith("robust/")},
+                   key=lambda k: (k not in ROBUST_KEYS, ROBUST_KEYS.index(k) if k in ROBUST_KEYS else 0, k))
+    return COLUMNS + extra
 
 
 def generation_rows(cfg: Config) -> list[dict]:
@@ -25,6 +38,7 @@ def generation_rows(cfg: Config) -> list[dict]:
             "delta_vs_teacher": None if prev is None else m["test/top1"] - prev,  # vs. this generation's teacher
             "test_ece": m["test/ece"],
             "kept_fraction": read_json(stats_f)["kept_fraction"] if stats_f.is_file() else None,
+            **robust_summary(m),
         }
         rows.append(row)
         prev = m["test/top1"]
@@ -38,22 +52,26 @@ def _fmt(col: str, v) -> str:
         return f"{v:,}"
     if col == "delta_vs_teacher":
         return f"{100 * v:+.1f} pt"
-    if col in ("test_top1", "kept_fraction"):
+    if col in ("test_top1", "kept_fraction", "robust/mean_flip_rate") or "_acc" in col:
         return f"{100 * v:.1f}%"
+    if col in ("robust/mce", "robust/relative_mce"):
+        return f"{v:.1f}"
     if isinstance(v, float):
         return f"{v:.3f}"
     return str(v)
 
 
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_fmt(c, r.get(c)) for c in COLUMNS) + " |" for r in rows]
+    cols = columns(rows)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(_fmt(c, r.get(c)) for c in cols) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
 def text_table(rows: list[dict]) -> str:
-    cells = [COLUMNS] + [[_fmt(c, r.get(c)) for c in COLUMNS] for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
+    cols = columns(rows)
+    cells = [cols] + [[_fmt(c, r.get(c)) for c in cols] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
     out = ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
     out.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(out)

@@ -44,6 +44,7 @@ from typing import Any, Callable
 
 from nst.config import Config
 from nst.io import atomic_write_json, file_sha256, read_json
+from nst.report import robust_summary
 
 log = logging.getLogger("nst.tracking")
 
@@ -783,6 +784,7 @@ def compare_rows(cfg: Config, run_id: str | None = None) -> tuple[Any, list[dict
             "test_ece": m.get("test/ece"),
             "kept_fraction": teacher.data.metrics.get("labeler/kept_fraction") if teacher is not None else None,
             "run_id": r.info.run_id, "status": r.info.status,
+            **robust_summary(m),
         })
     return parent, rows
 
