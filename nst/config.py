@@ -87,7 +87,7 @@ class TrainConfig(_Strict):
     ema_decay: float = Field(0.995, gt=0.0, lt=1.0)
     noise: NoiseConfig = Field(default_factory=lambda: NoiseConfig(randaugment_n=0, dropout=0.0, drop_path=0.0))
     amp: bool = Field(True, description="bf16 autocast on CUDA; ignored on CPU.")
-    channels_last: bool = Field(True, description="channels_last memory format on CUDA; ignored on CPU.")
+    channels_last: bool = Field(True, description="channels_last (NHWC) memory format, on CUDA and on CPU (oneDNN).")
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> "TrainConfig":
