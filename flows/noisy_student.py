@@ -52,7 +52,8 @@ from prefect.tasks import exponential_backoff  # noqa: E402
 
 import tasks as stages  # noqa: E402
 from nst.config import Config, config_from_dict, load_config  # noqa: E402
-from nst.io import file_sha256, text_sha256  # noqa: E402
+from tasks.prepare import fingerprint as prepare_fingerprint  # noqa: E402
+from nst.io import file_sha256, run_lock, text_sha256  # noqa: E402
 
 RESULTS_DIR = ".prefect-results"
 CODE_PACKAGES = ("nst", "tasks", "models")
@@ -162,23 +163,6 @@ def content_hash(path: Path | None) -> str:
     return _content_hash(str(path), st.st_size, st.st_mtime_ns, st.st_ino)
 
 
-def source_fingerprint(path: Path | None) -> str:
-    """A data source: file content for a manifest; for an image folder the list of (relative path, size, mtime)
-    -- what `prepare` itself checks, and what keeps the key cheap for millions of images (content hashes of the
-    derived manifests, models and shards key every later stage)."""
-    if path is None:
-        return "none"
-    if path.is_file():
-        return content_hash(path)
-    if not path.is_dir():
-        return f"missing:{path}"
-    h = hashlib.sha256()
-    for p in sorted(q for q in path.rglob("*") if q.is_file()):
-        st = p.stat()
-        h.update(f"{p.relative_to(path).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()
-
-
 def _data(cfg: Config, name: str) -> Path:
     return cfg.out_dir / "data" / name
 
@@ -188,8 +172,7 @@ def _key_parts(stage: str, cfg: Config, inputs: dict[str, Any]) -> tuple[str, li
     d = cfg.data.model_dump_json()
     common = [str(cfg.out_dir), str(cfg.root), d, str(cfg.seed)]
     if stage == "prepare":
-        return "prepare", common + [source_fingerprint(p) for p in (
-            cfg.data.labeled, cfg.data.unlabeled, cfg.data.val, cfg.data.test, cfg.data.unlabeled_truth)]
+        return "prepare", common + [prepare_fingerprint(cfg)]
     if stage == "train-teacher":
         return "g0-train-teacher", common + [cfg.teacher.model_dump_json()] + [
             content_hash(_data(cfg, f)) for f in ("labeled.parquet", "val.parquet", "classes.json")]
@@ -343,9 +326,12 @@ def pseudo_label_shard_task(params: dict[str, Any], gen: str, shard: int) -> dic
 @task(name="filter-balance", task_run_name="{gen}/filter-balance", cache_key_fn=cache_key("filter-balance"),
       **_STAGE_TASK)
 def filter_balance_task(params: dict[str, Any], gen: str, shards: list[str]) -> dict:
-    """Reduces the shards: `shards` (the mapped results' paths) makes the data dependency explicit."""
+    """Reduces the shards: `shards` (the mapped results' paths) makes the data dependency explicit; the labelling's
+    finishing step (stale shards, effective config) runs here, once every shard exists."""
     _begin(f"{gen}/filter-balance")
-    return stages.filter_balance(config_of(params), gen)
+    cfg = config_of(params)
+    stages.finish_pseudo_label(cfg, gen)
+    return stages.filter_balance(cfg, gen)
 
 
 @task(name="train-student", task_run_name="{gen}/train-student", cache_key_fn=cache_key("train-student"),
@@ -552,32 +538,33 @@ def noisy_student(params_path: str = "params.yaml", overrides: dict[str, Any] | 
     logger.info("params %s -> outputs %s (%d generations)", Path(params_path).resolve(), cfg.out_dir,
                 len(cfg.generations))
 
-    tracking = cfg.tracking.enabled
-    parent_run = start_tracking_task(params, str(flow_run.id)) if tracking else None
-    try:
-        _stage(prepare_task, cfg, "prepare")(params)
-        _stage(train_teacher_task, cfg, "train-teacher")(params)
-        _stage(evaluate_task, cfg, "evaluate", "g0")(params, "g0")
-        publish_summary(cfg, "g0")
-        teacher_run = track_generation_task(params, "g0", parent_run, None) if tracking else None
-        for g in cfg.generations:
-            generation.with_options(task_runner=task_runner_from_env())(params, g.name)
+    with run_lock(cfg.out_dir):
+        tracking = cfg.tracking.enabled
+        parent_run = start_tracking_task(params, str(flow_run.id)) if tracking else None
+        try:
+            _stage(prepare_task, cfg, "prepare")(params)
+            _stage(train_teacher_task, cfg, "train-teacher")(params)
+            _stage(evaluate_task, cfg, "evaluate", "g0")(params, "g0")
+            publish_summary(cfg, "g0")
+            teacher_run = track_generation_task(params, "g0", parent_run, None) if tracking else None
+            for g in cfg.generations:
+                generation.with_options(task_runner=task_runner_from_env())(params, g.name)
+                if tracking:
+                    teacher_run = track_generation_task(params, g.name, parent_run, teacher_run)
+            rows, _ = write_summary(cfg)
+            create_markdown_artifact(markdown=markdown_table(rows), key="generation-table",
+                                     description="Noisy Student: one row per generation")
+            record_outputs_task(params)
+        except BaseException as e:
             if tracking:
-                teacher_run = track_generation_task(params, g.name, parent_run, teacher_run)
-        rows, _ = write_summary(cfg)
-        create_markdown_artifact(markdown=markdown_table(rows), key="generation-table",
-                                 description="Noisy Student: one row per generation")
-        record_outputs_task(params)
-    except BaseException as e:
+                try:
+                    finish_tracking_task(params, parent_run, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+                except Exception:  # noqa: BLE001 - never hide the original error
+                    logger.exception("could not mark the MLflow run as failed")
+            raise
         if tracking:
-            try:
-                finish_tracking_task(params, parent_run, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
-            except Exception:  # noqa: BLE001 - never hide the original error
-                logger.exception("could not mark the MLflow run as failed")
-        raise
-    if tracking:
-        finish_tracking_task(params, parent_run, "FINISHED")
-    return rows
+            finish_tracking_task(params, parent_run, "FINISHED")
+        return rows
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ from pathlib import Path
 
 from nst.config import ConfigError, load_config
 
+log = logging.getLogger("nst")
+
 
 def _add_cfg(p: argparse.ArgumentParser) -> None:
     p.add_argument("-p", "--params", default="params.yaml", help="config file (default: params.yaml)")
@@ -41,7 +43,7 @@ def ensure_builtin_data(cfg) -> None:
         return
     root = cfg.data.labeled.parent
     if cfg.data.name == "toy":
-        logging.getLogger("nst").info("generating the toy dataset in %s", root)
+        log.info("generating the toy dataset in %s", root)
         make_toy(root, seed=0)  # the dataset seed is fixed (as in dvc.yaml's `data` stage); `seed` drives training
     elif cfg.data.name.startswith("digits"):
         k = int(cfg.data.name.split("-")[1]) if "-" in cfg.data.name else 10
@@ -92,9 +94,15 @@ def cmd_run(args) -> None:
     cfg = _cfg(args)
     ensure_builtin_data(cfg)
     if args.no_prefect:
+        from nst.dvc import record_outputs
         from nst.pipeline import run_direct
 
         rows = run_direct(cfg)
+        try:  # as the flow's last task does: dvc.lock then describes these outputs
+            record_outputs(cfg)
+        except Exception as e:  # noqa: BLE001 - the outputs are complete; only their DVC record is missing
+            log.error("recording outputs in DVC failed (%s); the outputs are complete: `dvc commit -f` records "
+                      "them", e)
     else:
         rows = run_flow(args.params, args.overrides)
     print(text_table(rows))
@@ -235,9 +243,11 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("httpx", "httpcore"):  # one INFO line per Prefect API request otherwise
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from nst.io import Busy
+
     try:
         args.func(args)
-    except (ConfigError, FileNotFoundError, ValueError) as e:  # incl. nst.data.DataError (no torch import)
+    except (ConfigError, FileNotFoundError, ValueError, Busy) as e:  # incl. nst.data.DataError (no torch import)
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -215,9 +215,6 @@ class TrainTransform:
         return img
 
 
-train_transform = TrainTransform
-
-
 def seed_worker(worker_id: int) -> None:
     """DataLoader workers inherit torch's seed; give `random` (RandAugment) and numpy the same determinism."""
     s = torch.initial_seed() % 2**32

@@ -15,11 +15,12 @@ import io
 import math
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from nst.io import atomic_write_json, atomic_write_text
+from nst.io import atomic_write_json, atomic_write_text, file_lock
 
 TOY_CLASSES = ["circle", "square", "triangle", "plus", "ring", "hstripes", "vstripes", "cross", "dots", "ell"]
 
@@ -86,11 +87,21 @@ def _save_png(img: Image.Image, path: Path) -> None:
     path.write_bytes(buf.getvalue())
 
 
-def _finish(out: Path, tmp: Path) -> Path:
-    """Swap a completely written dataset folder into place, so a crash never leaves half a dataset."""
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+def _build(out: Path, spec: dict, force: bool, write: Callable[[Path], None]) -> Path:
+    """Build a dataset folder once. `write` fills a temp folder that is swapped into place whole, so a crash never
+    leaves half a dataset; a lock makes two processes asking at once (a flow and a `dvc repro`) build it once."""
+    if _up_to_date(out, spec) and not force:
+        return out
+    with file_lock(out.with_name(out.name + ".lock")):
+        if _up_to_date(out, spec) and not force:
+            return out
+        tmp = out.with_name(out.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        write(tmp)
+        atomic_write_json(tmp / "dataset.json", spec)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
     return out
 
 
@@ -117,22 +128,21 @@ def make_toy(out: Path, *, seed: int = 0, size: int = 32, labeled_per_class: int
     out = Path(out)
     spec = dict(seed=seed, size=size, labeled_per_class=labeled_per_class, val_per_class=val_per_class,
                 unlabeled_per_class=unlabeled_per_class, test_per_class=test_per_class, kind="toy")
-    if _up_to_date(out, spec) and not force:
-        return out
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    truth: list = []
-    for s_idx, (split, n) in enumerate([("labeled", labeled_per_class), ("val", val_per_class),
-                                        ("unlabeled", unlabeled_per_class), ("test", test_per_class)]):
-        rng = np.random.default_rng([seed, s_idx])
-        order = [c for c in range(len(TOY_CLASSES)) for _ in range(n)]
-        if split == "unlabeled":
-            order = list(rng.permutation(order))
-        imgs = [(toy_image(int(c), rng, size), TOY_CLASSES[int(c)]) for c in order]
-        _write_split(tmp, split, imgs, truth)
-    _write_truth(tmp, truth)
-    atomic_write_json(tmp / "dataset.json", spec)
-    return _finish(out, tmp)
+
+    def write(tmp: Path) -> None:
+        truth: list = []
+        splits = [("labeled", labeled_per_class), ("val", val_per_class), ("unlabeled", unlabeled_per_class),
+                  ("test", test_per_class)]
+        for s_idx, (split, n) in enumerate(splits):
+            rng = np.random.default_rng([seed, s_idx])
+            order = [c for c in range(len(TOY_CLASSES)) for _ in range(n)]
+            if split == "unlabeled":
+                order = list(rng.permutation(order))
+            imgs = [(toy_image(int(c), rng, size), TOY_CLASSES[int(c)]) for c in order]
+            _write_split(tmp, split, imgs, truth)
+        _write_truth(tmp, truth)
+
+    return _build(out, spec, force, write)
 
 
 def make_digits(out: Path, *, labels_per_class: int = 10, seed: int = 0, force: bool = False) -> Path:
@@ -143,8 +153,6 @@ def make_digits(out: Path, *, labels_per_class: int = 10, seed: int = 0, force: 
 
     out = Path(out)
     spec = dict(kind="digits", labels_per_class=labels_per_class, seed=seed)
-    if _up_to_date(out, spec) and not force:
-        return out
     x, y = load_digits(return_X_y=True)
     imgs = (x.reshape(-1, 8, 8) * (255.0 / 16.0)).round().astype(np.uint8)
     idx_train, idx_test = train_test_split(np.arange(len(y)), test_size=0.3, stratify=y, random_state=0)
@@ -157,15 +165,15 @@ def make_digits(out: Path, *, labels_per_class: int = 10, seed: int = 0, force: 
         labeled.extend(rng.choice(pool, labels_per_class, replace=False).tolist())
     lab_set = set(labeled)
     unlabeled = rng.permutation([i for i in idx_train if i not in lab_set])
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    truth: list = []
     name = [str(c) for c in range(10)]
-    for split, ids in [("labeled", sorted(labeled)), ("unlabeled", unlabeled), ("test", sorted(idx_test))]:
-        _write_split(tmp, split, [(Image.fromarray(imgs[i], "L"), name[y[i]]) for i in ids], truth)
-    _write_truth(tmp, truth)
-    atomic_write_json(tmp / "dataset.json", spec)
-    return _finish(out, tmp)
+
+    def write(tmp: Path) -> None:
+        truth: list = []
+        for split, ids in [("labeled", sorted(labeled)), ("unlabeled", unlabeled), ("test", sorted(idx_test))]:
+            _write_split(tmp, split, [(Image.fromarray(imgs[i], "L"), name[y[i]]) for i in ids], truth)
+        _write_truth(tmp, truth)
+
+    return _build(out, spec, force, write)
 
 
 def _up_to_date(out: Path, spec: dict) -> bool:

@@ -16,7 +16,6 @@ commit/push, and its CLI configures global logging we do not want inside a Prefe
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
 import shutil
@@ -26,6 +25,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from nst.config import Config, ConfigError, load_config
+from nst.io import file_lock
 
 log = logging.getLogger("nst.dvc")
 
@@ -62,14 +62,8 @@ def dvc_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 @contextlib.contextmanager
 def workspace_lock(root: str | os.PathLike) -> Iterator[None]:
     """An exclusive lock on `root/.dvc/tmp/nst-dvc.lock`, held while one of our DVC commands runs."""
-    tmp = Path(root) / ".dvc" / "tmp"
-    tmp.mkdir(parents=True, exist_ok=True)
-    with open(tmp / "nst-dvc.lock", "a+") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    with file_lock(Path(root) / ".dvc" / "tmp" / "nst-dvc.lock"):
+        yield
 
 
 def run_dvc(args: Sequence[str], root: str | os.PathLike = ".", *, timeout: float | None = None,

@@ -7,6 +7,7 @@ so a crash leaves either the old file or the new one, never half of one.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -34,6 +35,33 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+class Busy(RuntimeError):
+    """Another process holds the lock."""
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike, *, wait: bool = True, what: str = "") -> Iterator[None]:
+    """An exclusive advisory lock (flock) on `path`: serialises our own processes on one resource. The kernel drops
+    it when the holder dies, so a killed run never leaves a stale lock. `wait=False` raises `Busy` instead."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            raise Busy(f"{path}: {what or 'locked'} (held by another process)") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def run_lock(out_dir: str | os.PathLike):
+    """Held for a whole pipeline run: two runs writing one out_dir would interleave each other's stages."""
+    return file_lock(Path(out_dir) / ".run.lock", wait=False,
+                     what=f"another pipeline run is writing {out_dir}; wait for it, or set out_dir elsewhere")
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 
 from nst.config import Config
+from nst.io import run_lock
 from nst.report import write_summary
 from nst.tracking import finish_pipeline, start_pipeline, track_generation
 from tasks import evaluate, filter_balance, prepare, pseudo_label, train_student, train_teacher
@@ -16,6 +17,11 @@ log = logging.getLogger("nst.pipeline")
 
 
 def run_direct(cfg: Config) -> list[dict]:
+    with run_lock(cfg.out_dir):
+        return _run(cfg)
+
+
+def _run(cfg: Config) -> list[dict]:
     # MLflow (nst/tracking.py): a parent run now, a child per generation once it is evaluated, the parent ended last.
     # Tracking failures are reported there and never raise; without `tracking.enabled` these are no-ops.
     parent = start_pipeline(cfg)

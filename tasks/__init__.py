@@ -5,8 +5,8 @@ plus the generation/shard it works on, and returns a JSON-able dict of output pa
 from tasks.evaluate import evaluate
 from tasks.filter_balance import balance, filter_balance
 from tasks.prepare import prepare
-from tasks.pseudo_label import num_shards, pseudo_label, pseudo_label_shard
+from tasks.pseudo_label import finish_pseudo_label, num_shards, pseudo_label, pseudo_label_shard
 from tasks.train import train_student, train_teacher
 
-__all__ = ["prepare", "train_teacher", "pseudo_label", "pseudo_label_shard", "num_shards", "filter_balance",
-           "balance", "train_student", "evaluate"]
+__all__ = ["prepare", "train_teacher", "pseudo_label", "pseudo_label_shard", "finish_pseudo_label", "num_shards",
+           "filter_balance", "balance", "train_student", "evaluate"]

@@ -2,24 +2,39 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
-import os
+from pathlib import Path
 
 from nst.config import Config, write_effective_config
 from nst.data import build_manifest, infer_classes, prepared_dir, scan_source
-from nst.io import atomic_path, atomic_write_json, read_json, text_sha256
+from nst.io import atomic_path, atomic_write_json, file_sha256, read_json, text_sha256
 
 log = logging.getLogger("nst.prepare")
 
 
-def _fingerprint(cfg: Config) -> str:
-    """Cheap identity of the sources (paths, sizes, mtimes) + data config: unchanged => nothing to redo."""
-    parts = [cfg.data.model_dump_json()]
-    for src in (cfg.data.labeled, cfg.data.unlabeled, cfg.data.val, cfg.data.test):
-        if src is None:
-            continue
-        files = [src] if src.is_file() else sorted(p for p in src.rglob("*") if p.is_file())
-        parts += [f"{p}:{os.stat(p).st_size}:{os.stat(p).st_mtime_ns}" for p in files]
+def source_fingerprint(path: Path | None) -> str:
+    """A data source: file content for a manifest; for an image folder the list of (relative path, size, mtime),
+    which keeps the check cheap for millions of images (prepare's outputs are content-hashed downstream)."""
+    if path is None:
+        return "none"
+    if path.is_file():
+        return file_sha256(path)
+    if not path.is_dir():
+        return f"missing:{path}"
+    h = hashlib.sha256()
+    for p in sorted(q for q in path.rglob("*") if q.is_file()):
+        st = p.stat()
+        h.update(f"{p.relative_to(path).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def fingerprint(cfg: Config) -> str:
+    """Identity of prepare's inputs: the data config + every source. Unchanged => nothing to redo (and the flow's
+    cache key for the stage)."""
+    d = cfg.data
+    parts = [d.model_dump_json()] + [source_fingerprint(p) for p in (d.labeled, d.unlabeled, d.val, d.test,
+                                                                      d.unlabeled_truth)]
     return text_sha256("\n".join(parts))
 
 
@@ -27,7 +42,7 @@ def prepare(cfg: Config) -> dict:
     import pyarrow.parquet as pq
 
     out = prepared_dir(cfg.out_dir)
-    fp = _fingerprint(cfg)
+    fp = fingerprint(cfg)
     done = out / "prepare.json"
     if done.is_file() and read_json(done).get("fingerprint") == fp:
         log.info("data already prepared in %s", out)

@@ -94,16 +94,24 @@ def pseudo_label_shard(cfg: Config, gen: str, shard: int) -> dict:
 
 
 def pseudo_label(cfg: Config, gen: str, shards: list[int] | None = None) -> dict:
-    """All (or the given) shards, skipping finished ones; stale shards of another shard size are removed."""
-    n = num_shards(cfg)
-    results = [pseudo_label_shard(cfg, gen, s) for s in (range(n) if shards is None else shards)]
-    pdir = cfg.gen_dir(gen) / "pseudo"
+    """All (or the given) shards, skipping finished ones, then the finishing step when all were asked for."""
+    results = [pseudo_label_shard(cfg, gen, s) for s in (range(num_shards(cfg)) if shards is None else shards)]
     if shards is None:
-        keep = {shard_path(cfg, gen, s, n).name for s in range(n)}
-        for f in pdir.glob("shard-*.parquet"):
-            if f.name not in keep:
-                f.unlink()
-    write_effective_config(cfg, pdir, "pseudo-label", {"generation": gen, "teacher": cfg.generation(gen).teacher})
-    return {"out_dir": str(pdir), "shards": [r["path"] for r in results],
+        finish_pseudo_label(cfg, gen)
+    return {"out_dir": str(cfg.gen_dir(gen) / "pseudo"), "shards": [r["path"] for r in results],
             "metrics": {"n_labeled_images": sum(r["rows"] for r in results),
                         "shards_computed": sum(not r["skipped"] for r in results)}}
+
+
+def finish_pseudo_label(cfg: Config, gen: str) -> None:
+    """After every shard exists (however they were run: here, or mapped by the flow): remove stale shards of another
+    shard size, so the folder DVC tracks holds exactly this labelling, and record the effective config."""
+    n, pdir = num_shards(cfg), cfg.gen_dir(gen) / "pseudo"
+    keep = {shard_path(cfg, gen, s, n).name for s in range(n)}
+    missing = sorted(keep - {f.name for f in pdir.glob("shard-*.parquet")})
+    if missing:
+        raise FileNotFoundError(f"{pdir}: pseudo-label shards missing: {', '.join(missing)}")
+    for f in pdir.glob("shard-*.parquet"):
+        if f.name not in keep:
+            f.unlink()
+    write_effective_config(cfg, pdir, "pseudo-label", {"generation": gen, "teacher": cfg.generation(gen).teacher})

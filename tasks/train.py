@@ -10,7 +10,7 @@ import torch
 
 from nst.checkpoint import build_model, load_model
 from nst.config import Config, write_effective_config
-from nst.data import ImageDataset, open_split, read_classes, resolve_paths, train_transform
+from nst.data import ImageDataset, TrainTransform, open_split, read_classes, resolve_paths
 from nst.io import file_sha256
 from nst.train import fit, resolve_device
 
@@ -37,7 +37,7 @@ def _train_hash(cfg: Config, name: str, *inputs: str) -> str:
 
 
 def _labeled(cfg: Config, noise_ra: str | None):
-    tf = train_transform(cfg.data.image_size, cfg.data.hflip, noise_ra)
+    tf = TrainTransform(cfg.data.image_size, cfg.data.hflip, noise_ra)
     ds, labels, table = open_split(cfg.out_dir, cfg.root, "labeled", cfg.data.image_size, tf)
     val = open_split(cfg.out_dir, cfg.root, "val", cfg.data.image_size)
     return ds, labels, table, val
@@ -83,7 +83,7 @@ def train_student(cfg: Config, gen: str) -> dict:
     if not balanced.is_file():
         raise FileNotFoundError(f"{balanced}: no balanced pseudo-labels; run `nst filter-balance {gen}` first")
     upaths, targets = pseudo_targets(balanced, len(classes), cfg.root)
-    unl = ImageDataset(upaths, cfg.data.image_size, train_transform(cfg.data.image_size, cfg.data.hflip, sc.noise.randaugment))
+    unl = ImageDataset(upaths, cfg.data.image_size, TrainTransform(cfg.data.image_size, cfg.data.hflip, sc.noise.randaugment))
     out = cfg.model_dir(gen)
     h = _train_hash(cfg, gen, file_sha256(balanced), file_sha256(cfg.out_dir / "data" / "labeled.parquet"))
     write_effective_config(cfg, out, "train-student", {"generation": gen, "teacher": g.teacher})

@@ -89,12 +89,14 @@ def status(repo: Path) -> dict:
 
 
 def file_hashes(repo: Path) -> dict[str, str]:
-    """md5 of every file DVC manages here (data/, outputs/ minus the flow's own bookkeeping)."""
+    """md5 of every file DVC manages here (data/, outputs/ minus the runs' own bookkeeping: Prefect results,
+    summaries, and the run lock's empty file)."""
     out = {}
     for top in ("data", "outputs"):
         for p in sorted((repo / top).rglob("*")):
             rel = p.relative_to(repo).as_posix()
-            if p.is_file() and ".prefect-results" not in rel and not rel.startswith("outputs/summary."):
+            if p.is_file() and ".prefect-results" not in rel and not rel.startswith("outputs/summary.") \
+                    and not rel.endswith(".lock"):
                 out[rel] = hashlib.md5(p.read_bytes()).hexdigest()
     return out
 
@@ -337,18 +339,28 @@ def test_prefect_flow_run_leaves_dvc_clean_with_the_files_dvc_repro_makes(prefec
                            env=prefect_server.env(), stdout=out, stderr=subprocess.STDOUT,
                            stdin=subprocess.DEVNULL, timeout=480, check=False)
     assert p.returncode == 0, log.read_text()[-4000:]
-    assert (repo / "dvc.lock").is_file(), "the flow did not record its outputs in DVC"
+    # The flow maps the shards and then runs the same finishing step `nst pseudo-label` does: same files, no fewer.
+    assert_recorded_like_repro(repo, repro_repo, "the flow")
 
+
+def test_run_without_prefect_also_leaves_dvc_clean(repro_repo, tmp_path):
+    repo = make_dvc_repo(tmp_path / "repo")
+    run([venv_executable("nst"), "data", "toy", "--out", "data/toy", *TOY_FLAGS], repo)
+    run([venv_executable("nst"), "run", "--no-prefect"], repo)
+    assert_recorded_like_repro(repo, repro_repo, "`nst run --no-prefect`")
+
+
+def assert_recorded_like_repro(repo: Path, repro_repo, who: str) -> None:
+    """`who` recorded its outputs in DVC (status clean, repro has nothing to do) and wrote `dvc repro`'s files."""
+    assert (repo / "dvc.lock").is_file(), f"{who} did not record its outputs in DVC"
     assert status(repo) == {}
     dry = dvc(repo, "repro", "--dry").stdout
     assert ran_stages(dry) == [], dry
 
-    flow_files, dvc_files = file_hashes(repo), repro_repo.hashes
+    files, dvc_files = file_hashes(repo), repro_repo.hashes
     portable = {k for k in dvc_files if not PATH_DEPENDENT.search(k)}
-    differ = sorted(k for k in portable if k in flow_files and flow_files[k] != dvc_files[k])
-    assert differ == [], f"the flow and `dvc repro` wrote different bytes: {differ}"
-    # The flow labels shard by shard (tasks.pseudo_label_shard) and so far skips what `nst pseudo-label` does after
-    # the shards: write pseudo/config.json (and drop stale shards of another shard size). Tolerated, nothing else.
-    missing = sorted(k for k in portable if k not in flow_files)
-    assert set(missing) <= {"outputs/g1/pseudo/config.json", "outputs/g2/pseudo/config.json"}, missing
-    assert set(flow_files) - set(dvc_files) == set(), "the flow wrote files `dvc repro` does not"
+    differ = sorted(k for k in portable if k in files and files[k] != dvc_files[k])
+    assert differ == [], f"{who} and `dvc repro` wrote different bytes: {differ}"
+    missing = sorted(k for k in portable if k not in files)
+    assert missing == [], f"{who} did not write: {missing}"
+    assert set(files) - set(dvc_files) == set(), f"{who} wrote files `dvc repro` does not"

@@ -14,7 +14,7 @@ import yaml
 
 import tasks
 from nst.config import ConfigError, NoiseConfig, load_config
-from nst.data import train_transform
+from nst.data import TrainTransform
 from tasks.filter_balance import balance
 from tasks.pseudo_label import soft_targets
 
@@ -92,6 +92,18 @@ def test_teacher_is_unnoised_two_labelling_passes_identical(tiny_project):
                               "teacher"]
     assert set(t.column("teacher").to_pylist()) == {"g0"}
 
+    # A new shard size relabels; the finishing step leaves exactly the new shards (what DVC tracks) and the config.
+    cfg2 = load_config(tiny_project, [f"pseudo_label.shard_size={2 * cfg.pseudo_label.shard_size}"])
+    assert tasks.num_shards(cfg2) != len(first)
+    third = tasks.pseudo_label(cfg2, "g1")["shards"]
+    pdir = cfg.gen_dir("g1") / "pseudo"
+    assert sorted(p.name for p in pdir.glob("shard-*.parquet")) == sorted(Path(p).name for p in third)
+    assert json.loads((pdir / "config.json").read_text())["config"]["pseudo_label"]["shard_size"] == \
+        cfg2.pseudo_label.shard_size
+    Path(third[-1]).unlink()
+    with pytest.raises(FileNotFoundError, match=Path(third[-1]).name):
+        tasks.finish_pseudo_label(cfg2, "g1")
+
 
 def test_student_is_noised_in_train_mode_and_deterministic_in_eval():
     from nst.checkpoint import build_model
@@ -108,14 +120,14 @@ def test_student_is_noised_in_train_mode_and_deterministic_in_eval():
 def test_randaugment_magnitude_reaches_configured_m():
     noise = NoiseConfig(randaugment_n=2, randaugment_m=27)
     assert noise.randaugment == "rand-m27-n2-mmax27"
-    ra = train_transform(32, False, noise.randaugment).randaugment
+    ra = TrainTransform(32, False, noise.randaugment).randaugment
     assert ra.num_layers == 2
     effective = {min(op.magnitude, op.magnitude_max or 10) for op in ra.ops}
     assert effective == {27}
     rotate = next(op for op in ra.ops if op.name == "Rotate")
     assert abs(rotate.level_fn(27, rotate.hparams)[0]) == pytest.approx(81.0)  # 27/10 * 30 degrees
     # and the trap it avoids: without mmax, timm silently clips M to 10
-    plain = train_transform(32, False, "rand-m27-n2").randaugment
+    plain = TrainTransform(32, False, "rand-m27-n2").randaugment
     assert {min(op.magnitude, op.magnitude_max or 10) for op in plain.ops} == {10}
 
 
@@ -191,7 +203,43 @@ def test_cli_reports_config_error_in_one_line_before_any_compute(tmp_path, capsy
     assert not (tmp_path / "outputs").exists()
 
 
+def test_a_second_run_on_one_out_dir_is_refused_at_once(tiny_project, capsys):
+    from nst.cli import main
+    from nst.io import run_lock
+
+    cfg = load_config(tiny_project)
+    with run_lock(cfg.out_dir):  # another run holds it (flock: a second open() conflicts even in one process)
+        assert main(["run", "--no-prefect", "-p", str(tiny_project)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"another pipeline run is writing {cfg.out_dir}" in err
+    assert not (cfg.out_dir / "data").exists()  # refused before any stage ran
+
+
 # ---- data -------------------------------------------------------------------------------------------------------
+
+def _build_toy(out: str, barrier) -> None:
+    from nst.datasets import make_toy
+
+    barrier.wait()
+    make_toy(Path(out), size=16, labeled_per_class=4, val_per_class=2, unlabeled_per_class=30, test_per_class=4)
+
+
+def test_two_processes_asking_for_one_dataset_both_get_it_whole(tmp_path):
+    """A flow and a `dvc repro` (or two runs) may ask for the built-in data at once: one builds, the other waits."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(2)
+    procs = [ctx.Process(target=_build_toy, args=(str(tmp_path / "toy"), barrier)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert json.loads((tmp_path / "toy" / "dataset.json").read_text())["unlabeled_per_class"] == 30
+    assert len(list((tmp_path / "toy" / "unlabeled").glob("*.png"))) == 300
+    assert not (tmp_path / "toy.partial").exists()
+
 
 def test_unreadable_images_are_skipped_and_listed_up_to_a_fraction(tiny_project):
     root = tiny_project.parent
