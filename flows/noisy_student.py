@@ -52,8 +52,8 @@ from prefect.tasks import exponential_backoff  # noqa: E402
 
 import tasks as stages  # noqa: E402
 from nst.config import Config, config_from_dict, load_config  # noqa: E402
-from tasks.prepare import fingerprint as prepare_fingerprint  # noqa: E402
 from nst.io import file_sha256, run_lock, text_sha256  # noqa: E402
+from tasks.prepare import fingerprint as prepare_fingerprint  # noqa: E402
 
 RESULTS_DIR = ".prefect-results"
 CODE_PACKAGES = ("nst", "tasks", "models")
