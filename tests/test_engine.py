@@ -313,7 +313,7 @@ def test_training_resumes_after_a_crash_to_the_same_weights(tiny_project):
 
 @pytest.mark.slow
 def test_end_to_end_toy_teacher_and_two_generations(tmp_path):
-    """The real toy set (20 labels/class) with the shipped params.yaml (the README's main job, ~3 min on 2 cores):
+    """The real toy set (20 labels/class) with the shipped params.yaml (the README's main job, ~2 min on 2 cores):
     files, schemas, and the paper's claim in miniature: the best noised student is at least as accurate as its
     teacher."""
     from nst.cli import ensure_builtin_data
