@@ -1,7 +1,7 @@
 """channels_last (NHWC) vs. contiguous (NCHW) for our CNN ladder: one SGD train step and one eval forward.
 
-`channels_last` (default true, per teacher/student) now applies on CPU too, because oneDNN's convolutions run faster in NHWC;
-this measures that claim on the machine at hand. Both layouts are timed alternately in the same process, several
+`channels_last` (default true, per teacher/student) applies on CPU too, because oneDNN's convolutions run faster in
+NHWC; this measures that claim on the machine at hand. Both layouts are timed alternately in the same process, several
 rounds, and the minimum per (model, layout, mode) is kept, so that a noisy (shared, virtualised) CPU hurts both
 alike. Prints the times and the NHWC/NCHW ratio (< 1 = channels_last is faster).
 
@@ -57,7 +57,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", nargs="+", default=["nst_cnn_s", "nst_cnn_m"])
     ap.add_argument("--size", type=int, default=16, help="image side in px (the shipped toy config: 16)")
-    ap.add_argument("--batch", type=int, default=128, help="images per step (the toy student step: 32 labeled + 3 x 32 pseudo-labeled = 128)")
+    ap.add_argument("--batch", type=int, default=128,
+                    help="images per step (the toy student step: 32 labeled + 3 x 32 pseudo-labeled = 128)")
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--device", default="cpu")

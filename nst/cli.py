@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from nst.config import ConfigError, load_config
+from nst.io import Busy
 
 log = logging.getLogger("nst")
 
@@ -243,8 +244,6 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("httpx", "httpcore"):  # one INFO line per Prefect API request otherwise
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from nst.io import Busy
-
     try:
         args.func(args)
     except (ConfigError, FileNotFoundError, ValueError, Busy) as e:  # incl. nst.data.DataError (no torch import)

@@ -148,26 +148,27 @@ def make_toy(out: Path, *, seed: int = 0, size: int = 32, labeled_per_class: int
 def make_digits(out: Path, *, labels_per_class: int = 10, seed: int = 0, force: bool = False) -> Path:
     """Digits: a fixed 30% stratified test split (random_state 0, independent of `seed`); from the rest, `seed`
     picks K labeled images per class, and the remainder is the unlabeled pool."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
     out = Path(out)
     spec = dict(kind="digits", labels_per_class=labels_per_class, seed=seed)
-    x, y = load_digits(return_X_y=True)
-    imgs = (x.reshape(-1, 8, 8) * (255.0 / 16.0)).round().astype(np.uint8)
-    idx_train, idx_test = train_test_split(np.arange(len(y)), test_size=0.3, stratify=y, random_state=0)
-    rng = np.random.default_rng(seed)
-    labeled = []
-    for c in range(10):
-        pool = idx_train[y[idx_train] == c]
-        if labels_per_class > len(pool):
-            raise ValueError(f"--labels-per-class {labels_per_class}: class {c} has only {len(pool)} training images")
-        labeled.extend(rng.choice(pool, labels_per_class, replace=False).tolist())
-    lab_set = set(labeled)
-    unlabeled = rng.permutation([i for i in idx_train if i not in lab_set])
-    name = [str(c) for c in range(10)]
 
-    def write(tmp: Path) -> None:
+    def write(tmp: Path) -> None:  # sklearn and the split only when (re)building, not on every up-to-date check
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+
+        x, y = load_digits(return_X_y=True)
+        imgs = (x.reshape(-1, 8, 8) * (255.0 / 16.0)).round().astype(np.uint8)
+        idx_train, idx_test = train_test_split(np.arange(len(y)), test_size=0.3, stratify=y, random_state=0)
+        rng = np.random.default_rng(seed)
+        labeled = []
+        for c in range(10):
+            pool = idx_train[y[idx_train] == c]
+            if labels_per_class > len(pool):
+                raise ValueError(f"--labels-per-class {labels_per_class}: class {c} has only {len(pool)} training "
+                                 "images")
+            labeled.extend(rng.choice(pool, labels_per_class, replace=False).tolist())
+        lab_set = set(labeled)
+        unlabeled = rng.permutation([i for i in idx_train if i not in lab_set])
+        name = [str(c) for c in range(10)]
         truth: list = []
         for split, ids in [("labeled", sorted(labeled)), ("unlabeled", unlabeled), ("test", sorted(idx_test))]:
             _write_split(tmp, split, [(Image.fromarray(imgs[i], "L"), name[y[i]]) for i in ids], truth)

@@ -113,7 +113,7 @@ def fit(
         return read_meta(out_dir)
 
     model.to(device)
-    cl = cfg.channels_last  # oneDNN's convolutions are ~25% faster in NHWC on CPU too (benchmarks/bench_channels_last.py)
+    cl = cfg.channels_last  # NHWC is faster on CPU too (oneDNN): benchmarks/bench_channels_last.py
     if cl:
         model = model.to(memory_format=torch.channels_last)
     use_amp = cfg.amp and device.type == "cuda"

@@ -108,10 +108,9 @@ def finish_pseudo_label(cfg: Config, gen: str) -> None:
     shard size, so the folder DVC tracks holds exactly this labelling, and record the effective config."""
     n, pdir = num_shards(cfg), cfg.gen_dir(gen) / "pseudo"
     keep = {shard_path(cfg, gen, s, n).name for s in range(n)}
-    missing = sorted(keep - {f.name for f in pdir.glob("shard-*.parquet")})
-    if missing:
+    present = {f.name for f in pdir.glob("shard-*.parquet")}
+    if missing := sorted(keep - present):
         raise FileNotFoundError(f"{pdir}: pseudo-label shards missing: {', '.join(missing)}")
-    for f in pdir.glob("shard-*.parquet"):
-        if f.name not in keep:
-            f.unlink()
+    for name in present - keep:
+        (pdir / name).unlink()
     write_effective_config(cfg, pdir, "pseudo-label", {"generation": gen, "teacher": cfg.generation(gen).teacher})
