@@ -14,33 +14,64 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
+from nst.errors import ConfigError, quote
 from nst.io import text_sha256
+from nst.secrets import redact_tree
 
+__all__ = ["Config", "ConfigError", "load_config", "portable_dump", "config_hash", "SPLITS"]
 
-class ConfigError(ValueError):
-    """A config problem, already phrased for the user (one line per problem)."""
+SPLITS = ("labeled", "unlabeled", "val", "test", "unlabeled_truth")
+BUILTIN = re.compile(r"toy|digits-([1-9]\d?)")
+GEN = re.compile(r"g(0|[1-9]\d{0,3})")  # g0 ... g9999: names stay short, indices stay small
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class DataConfig(_Strict):
-    """Image sources: an ImageFolder directory (class sub-folders) or a CSV/Parquet manifest `path,label`."""
+def _model_name(v: str) -> str:
+    if ":" in v or "/" in v:
+        raise ValueError("only model names registered in timm are accepted (no hf-hub:, local-dir: or paths; "
+                         "use pretrained_file for local weights)")
+    return v
 
-    name: str = "toy"
-    labeled: Path
-    unlabeled: Path
-    test: Path
+
+class DataConfig(_Strict):
+    """Image sources: an ImageFolder directory (class sub-folders) or a CSV/Parquet manifest `path,label`, or a
+    built-in set asked for by name (generated into its own folder, data/<name>)."""
+
+    builtin: str | None = Field(None, description="toy | digits-K: generate this built-in set into data/<name>; "
+                                                  "leave the paths below unset.")
+    labeled: Path | None = None
+    unlabeled: Path | None = None
+    test: Path | None = None
     val: Path | None = None
     unlabeled_truth: Path | None = Field(
         None, description="Optional manifest with the hidden labels of the unlabeled set; only for reporting pseudo-label accuracy."
     )
     image_size: int = Field(32, ge=8, le=1024)
     classes: list[str] | None = Field(None, description="Class names; null = the labeled source's sorted folder names / labels.")
+    transform: Literal["pad_crop", "rrc"] = Field(
+        "pad_crop", description="pad_crop: resize to image_size, pad-and-crop (small images); rrc: timm's "
+                                "RandomResizedCrop for training, resize + centre crop (crop_pct) for evaluation (photos).")
+    rrc_scale: tuple[float, float] = Field((0.08, 1.0), description="RandomResizedCrop area range (transform: rrc).")
+    crop_pct: float = Field(0.875, gt=0.0, le=1.0, description="Evaluation/labelling centre crop (transform: rrc).")
     hflip: bool = Field(False, description="Horizontal flips in training (off for digits and text-like images).")
     max_bad_fraction: float = Field(0.01, ge=0.0, le=1.0, description="Unreadable images are skipped and listed up to this fraction of a split.")
-    num_workers: int = Field(0, ge=0, le=64)
+    max_image_pixels: int = Field(89_478_485, ge=1, description="Images larger than this (from the header, before "
+                                                                "decoding) are rejected as decompression bombs.")
+    verify: Literal["header", "decode"] = Field("header", description="prepare checks each image's header (fast) or "
+                                                                      "fully decodes it.")
+    num_workers: int = Field(0, ge=0, le=64, description="DataLoader worker processes (decode + augment).")
+    prepare_workers: int | None = Field(None, ge=1, le=256, description="Processes checking images in prepare; null = CPU count (max 8).")
+    cache_mb: int = Field(512, ge=0, description="Decoded images of a split are kept in RAM when they fit in this many MB.")
+
+    @field_validator("builtin")
+    @classmethod
+    def _builtin(cls, v: str | None) -> str | None:
+        if v is not None and not BUILTIN.fullmatch(v):
+            raise ValueError("must be 'toy' or 'digits-K' (K labels per class, 1-99)")
+        return v
 
     @field_validator("classes")
     @classmethod
@@ -48,6 +79,26 @@ class DataConfig(_Strict):
         if v is not None and (len(v) < 2 or len(set(v)) != len(v)):
             raise ValueError("needs at least 2 distinct class names")
         return v
+
+    @field_validator("rrc_scale")
+    @classmethod
+    def _scale(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0.0 < v[0] <= v[1] <= 1.0:
+            raise ValueError("must be [min, max] with 0 < min <= max <= 1")
+        return v
+
+    @model_validator(mode="after")
+    def _sources(self) -> "DataConfig":
+        if self.builtin is not None:
+            given = [f for f in SPLITS if getattr(self, f) is not None]
+            if given:
+                raise ValueError(f"data.{given[0]} is set together with data.builtin = {self.builtin!r}: a built-in "
+                                 f"set lives in data/{self.builtin}; unset the paths or data.builtin")
+        else:
+            missing = [f for f in ("labeled", "unlabeled", "test") if getattr(self, f) is None]
+            if missing:
+                raise ValueError(f"data.{missing[0]} is required (or set data.builtin: toy | digits-K)")
+        return self
 
 
 class NoiseConfig(_Strict):
@@ -74,7 +125,10 @@ class NoiseConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    model: str = Field("nst_cnn_s", description="Any timm model name, ours (nst_cnn_*) included.")
+    model: str = Field("nst_cnn_s", description="A model registered in timm (ours, nst_cnn_*, included).")
+    pretrained: bool = Field(False, description="Start from timm's pretrained weights (needs the machine's hub access).")
+    pretrained_file: Path | None = Field(None, description="Start from a local safetensors/timm checkpoint; the "
+                                                           "classifier is re-initialised for our classes.")
     epochs: int = Field(20, ge=1, le=10_000)
     batch_size: int = Field(64, ge=1, le=65_536)
     optimizer: Literal["sgd", "adamw"] = "sgd"
@@ -88,11 +142,19 @@ class TrainConfig(_Strict):
     noise: NoiseConfig = Field(default_factory=lambda: NoiseConfig(randaugment_n=0, dropout=0.0, drop_path=0.0))
     amp: bool = Field(True, description="bf16 autocast on CUDA; ignored on CPU.")
     channels_last: bool = Field(True, description="channels_last (NHWC) memory format, on CUDA and on CPU (oneDNN).")
+    compile: bool = Field(False, description="torch.compile the model (CUDA; slower start, faster steps).")
+
+    @field_validator("model")
+    @classmethod
+    def _registered_name(cls, v: str) -> str:
+        return _model_name(v)
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> "TrainConfig":
         if self.warmup_epochs >= self.epochs and self.epochs > 1:
             raise ValueError(f"warmup_epochs = {self.warmup_epochs} must be < epochs = {self.epochs}")
+        if self.pretrained and self.pretrained_file is not None:
+            raise ValueError("set pretrained or pretrained_file, not both")
         return self
 
 
@@ -102,6 +164,7 @@ class PseudoLabelConfig(_Strict):
     top_k: int = Field(5, ge=1, le=1000, description="Soft labels keep the top-k classes, renormalised.")
     batch_size: int = Field(256, ge=1, le=65_536)
     shard_size: int = Field(1000, ge=1, description="Unlabeled images per Parquet shard (one labelling task each).")
+    gpu_decode: bool = Field(True, description="On CUDA, decode JPEGs on the GPU (nvjpeg) in batches.")
 
 
 class FilterConfig(_Strict):
@@ -113,13 +176,11 @@ class FilterConfig(_Strict):
 
 
 class GenerationConfig(_Strict):
-    """One noisy-student generation. `teacher` names the previous generation explicitly (DVC's foreach cannot look back)."""
+    """One noisy-student generation. `teacher` names the previous generation explicitly."""
 
     name: str
     teacher: str
-    student: TrainConfig = Field(
-        default_factory=lambda: TrainConfig(noise=NoiseConfig())
-    )
+    student: TrainConfig = Field(default_factory=lambda: TrainConfig(noise=NoiseConfig()))
     ratio: float = Field(3.0, gt=0.0, le=1000.0, description="Unlabeled:labeled batch ratio (paper: 1 for B0, 3 for larger).")
     init: Literal["scratch", "teacher"] = Field("scratch", description="Student init; from scratch is often better (paper finding #8).")
     allow_smaller: bool = Field(False, description="Permit a student with fewer parameters than its teacher.")
@@ -127,8 +188,8 @@ class GenerationConfig(_Strict):
     @field_validator("name", "teacher")
     @classmethod
     def _gen_name(cls, v: str) -> str:
-        if not re.fullmatch(r"g\d+", v):
-            raise ValueError(f"must look like g0, g1, ... (got {v!r})")
+        if not GEN.fullmatch(v):
+            raise ValueError("must look like g1, g2, ... (g followed by at most 4 digits, no leading zero)")
         return v
 
     @property
@@ -136,17 +197,8 @@ class GenerationConfig(_Strict):
         return int(self.name[1:])
 
 
-class TrackingConfig(_Strict):
-    """Filled in by the MLflow integration; kept here so params.yaml stays the one config file."""
-
-    enabled: bool = True
-    tracking_uri: str | None = Field(None, description="null = MLFLOW_TRACKING_URI or a local SQLite file in out_dir.")
-    experiment: str = "noisy-student"
-    registered_model: str = "noisy-student"
-
-
 class RobustnessConfig(_Strict):
-    """Optional part of `evaluate` (corruptions, perturbation stability, adversarial)."""
+    """The robustness suite of `evaluate` (corruptions, perturbation stability, adversarial)."""
 
     enabled: bool = False
     subset: int = Field(500, ge=1, description="Test images used for the robustness suite.")
@@ -167,8 +219,31 @@ class RobustnessConfig(_Strict):
         return v
 
 
+class DistributedConfig(_Strict):
+    """Data-parallel training: `nst train-*` puts `torchrun --nproc-per-node N` in front of itself when N > 1."""
+
+    nproc_per_node: int | Literal["auto"] = Field(1, description="Processes (GPUs) per training stage; auto = the "
+                                                                 "visible GPUs (1 without CUDA).")
+    backend: Literal["auto", "nccl", "gloo"] = Field("auto", description="auto = nccl on CUDA, gloo on CPU.")
+
+    @field_validator("nproc_per_node")
+    @classmethod
+    def _n(cls, v):
+        if isinstance(v, int) and not 1 <= v <= 64:
+            raise ValueError("must be 1..64 or 'auto'")
+        return v
+
+
+class TrackingConfig(_Strict):
+    enabled: bool = True
+    tracking_uri: str | None = Field(None, description="null = MLFLOW_TRACKING_URI or a local SQLite file in out_dir.")
+    experiment: str = Field("noisy-student", min_length=1, max_length=200)
+    registered_model: str = Field("noisy-student", min_length=1, max_length=200)
+    live: bool = Field(True, description="Log per-epoch metrics from the training process while it trains.")
+
+
 class Config(_Strict):
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=2**32 - 1)
     device: str = Field("auto", description="auto (CUDA when present) | cpu | cuda | cuda:N")
     out_dir: Path = Path("outputs")
     threads: int | None = Field(None, ge=1, le=1024, description="torch CPU threads; null = torch's default.")
@@ -177,7 +252,8 @@ class Config(_Strict):
     pseudo_label: PseudoLabelConfig = Field(default_factory=PseudoLabelConfig)
     filter: FilterConfig = Field(default_factory=FilterConfig)
     generations: list[GenerationConfig] = Field(default_factory=list)
-    evaluate: RobustnessConfig = Field(default_factory=RobustnessConfig)
+    robustness: RobustnessConfig = Field(default_factory=RobustnessConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     _root: Path = PrivateAttr(default_factory=Path.cwd)
 
@@ -189,31 +265,29 @@ class Config(_Strict):
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", v):
-            raise ValueError(f"must be auto, cpu, cuda, cuda:N or mps (got {v!r})")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d{1,2})?|mps", v):
+            raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
         return v
 
     @model_validator(mode="after")
     def _chain(self) -> "Config":
-        prev = "g0"
+        prev, prev_model = "g0", self.teacher.model
         seen = set()
         for i, g in enumerate(self.generations):
             if g.name in seen or g.name == "g0":
                 raise ValueError(f"generations[{i}].name = {g.name!r} is used twice (g0 is the teacher)")
             if g.teacher != prev:
                 raise ValueError(f"generations[{i}].teacher = {g.teacher!r} must be the previous generation {prev!r}")
+            if g.init == "teacher" and g.student.model != prev_model:
+                raise ValueError(f"generations[{i}].init = 'teacher' needs the teacher's architecture "
+                                 f"{prev_model!r} (student is {g.student.model!r}); use init: scratch")
             seen.add(g.name)
-            prev = g.name
+            prev, prev_model = g.name, g.student.model
         return self
 
-    # ---- derived paths: one place that knows the output layout -------------------------------------
-    def gen_dir(self, name: str) -> Path:
-        return self.out_dir / name
-
-    def model_dir(self, name: str) -> Path:
-        """`outputs/gN/model` for every generation (g0 = the teacher): one path pattern, so dvc.yaml's foreach can
-        name a generation's teacher weights as `outputs/${item.teacher}/model/...`."""
-        return self.gen_dir(name) / "model"
+    # ---- derived names and paths: the one place that knows the output layout --------------------------------
+    def model_names(self) -> list[str]:
+        return ["g0"] + [g.name for g in self.generations]
 
     def generation(self, name: str) -> GenerationConfig:
         for g in self.generations:
@@ -221,14 +295,52 @@ class Config(_Strict):
                 return g
         raise ConfigError(f"generation {name!r} is not in params.yaml generations ({[g.name for g in self.generations]})")
 
-    def train_config(self, name: str) -> TrainConfig:
-        return self.teacher if name == "g0" else self.generation(name).student
+    def gen_index(self, name: str) -> int:
+        """Position in the `generations` list (what DVC's `generations.<i>` params key addresses)."""
+        return [g.name for g in self.generations].index(self.generation(name).name)
 
-    def section_hash(self, *keys: str) -> str:
-        """Hash of the named top-level sections (or of everything), for cache keys and checkpoint sidecars."""
-        d = self.model_dump(mode="json")
-        part = {k: d[k] for k in keys} if keys else d
-        return text_sha256(json.dumps(part, sort_keys=True))[:16]
+    def train_config(self, name: str) -> TrainConfig:
+        if name == "g0":
+            return self.teacher
+        return self.generation(name).student
+
+    def builtin_dir(self) -> Path | None:
+        b = self.data.builtin
+        if b is None:
+            return None
+        return self.root / "data" / (b if b == "toy" else f"{b}-seed{self.seed}")
+
+    @property
+    def state_dir(self) -> Path:
+        """Bookkeeping that is not an output: locks, caches, tracking state."""
+        return self.out_dir / ".nst"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.out_dir / "data"
+
+    def gen_dir(self, name: str) -> Path:
+        return self.out_dir / name
+
+    def model_dir(self, name: str) -> Path:
+        return self.gen_dir(name) / "model"
+
+    def eval_dir(self, name: str) -> Path:
+        return self.gen_dir(name) / "eval"
+
+    def labels_dir(self, name: str) -> Path:
+        """The pseudo-labels model `name` made (read by the next generation's filter-balance)."""
+        return self.gen_dir(name) / "labels"
+
+    def balanced_dir(self, name: str) -> Path:
+        return self.gen_dir(name) / "balanced"
+
+    def rel(self, p: Path) -> str:
+        """A path as params.yaml would spell it: relative to its folder when inside it."""
+        try:
+            return Path(p).relative_to(self.root).as_posix()
+        except ValueError:
+            return str(p)
 
 
 # ---- loading ---------------------------------------------------------------------------------------
@@ -236,11 +348,8 @@ class Config(_Strict):
 def _set_dotted(d: dict, dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     cur: Any = d
-    for i, k in enumerate(keys[:-1]):
-        if isinstance(cur, list):
-            cur = cur[int(k)]
-        else:
-            cur = cur.setdefault(k, {})
+    for k in keys[:-1]:
+        cur = cur[int(k)] if isinstance(cur, list) else cur.setdefault(k, {})
     last = keys[-1]
     if isinstance(cur, list):
         cur[int(last)] = value
@@ -257,29 +366,37 @@ def parse_overrides(items: list[str] | dict[str, Any] | None) -> dict[str, Any]:
     out = {}
     for it in items:
         if "=" not in it:
-            raise ConfigError(f"override {it!r}: expected key=value (e.g. teacher.epochs=5)")
+            raise ConfigError(f"override {quote(it)}: expected key=value (e.g. teacher.epochs=5)")
         k, v = it.split("=", 1)
-        out[k.strip()] = yaml.safe_load(v)
+        try:
+            out[k.strip()] = yaml.safe_load(v)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {quote(it)}: value is not valid YAML ({str(e).splitlines()[0]})") from None
     return out
 
 
-def _format_errors(source: str, err: ValidationError, raw: dict) -> str:
+def override_args(overrides: dict[str, Any] | None) -> list[str]:
+    """The inverse of `parse_overrides`: `-S` strings a child `nst` command parses back to the same values."""
+    return [f"{k}={json.dumps(v)}" for k, v in (overrides or {}).items()]
+
+
+def _format_errors(source: str, err: ValidationError) -> str:
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "(root)"
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            lines.append(f"{source}: {loc}: unknown key (value {e.get('input')!r})")
+            lines.append(f"{source}: {loc}: unknown key (value {quote(e.get('input'))})")
         elif e["type"] == "missing":
             lines.append(f"{source}: {loc}: required field is missing")
-        elif loc == "(root)":
+        elif loc in ("(root)", "data"):
             lines.append(f"{source}: {msg}")
         else:
-            lines.append(f"{source}: {loc} = {e.get('input')!r}: {msg}")
+            lines.append(f"{source}: {loc} = {quote(e.get('input'))}: {msg}")
     return "\n".join(lines)
 
 
-def _resolve_paths(cfg: Config, base: Path) -> Config:
+def _resolve_paths(cfg: Config, base: Path, source: str) -> Config:
     def fix(p: Path | None) -> Path | None:
         if p is None:
             return None
@@ -287,8 +404,20 @@ def _resolve_paths(cfg: Config, base: Path) -> Config:
 
     cfg._root = base.resolve()
     cfg.out_dir = fix(cfg.out_dir)
-    for f in ("labeled", "unlabeled", "test", "val", "unlabeled_truth"):
-        setattr(cfg.data, f, fix(getattr(cfg.data, f)))
+    if cfg.out_dir.exists() and not cfg.out_dir.is_dir():
+        raise ConfigError(f"{source}: out_dir = {quote(cfg.rel(cfg.out_dir))}: exists and is not a folder")
+    bdir = cfg.builtin_dir()
+    if bdir is not None:
+        layout = {"labeled": "labeled", "unlabeled": "unlabeled", "test": "test",
+                  "unlabeled_truth": "unlabeled_truth.csv"} | ({"val": "val"} if cfg.data.builtin == "toy" else {})
+        for f, sub in layout.items():
+            object.__setattr__(cfg.data, f, bdir / sub)  # derived, not user input: skips re-validation
+    else:
+        for f in SPLITS:
+            setattr(cfg.data, f, fix(getattr(cfg.data, f)))
+    for tc in [cfg.teacher] + [g.student for g in cfg.generations]:
+        if tc.pretrained_file is not None:
+            tc.pretrained_file = fix(tc.pretrained_file)
     return cfg
 
 
@@ -296,9 +425,11 @@ def config_from_dict(raw: dict, source: str = "params.yaml", base: Path | None =
     try:
         cfg = Config.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(_format_errors(source, e, raw)) from None
-    cfg = _resolve_paths(cfg, base or Path.cwd())
+        raise ConfigError(_format_errors(source, e)) from None
+    cfg = _resolve_paths(cfg, base or Path.cwd(), source)
     if check_models:
+        from nst.validate import check_model_sizes  # builds models on the meta device: pulls in torch
+
         check_model_sizes(cfg, source)
     return cfg
 
@@ -313,67 +444,56 @@ def load_config(path: str | Path = "params.yaml", overrides: list[str] | dict[st
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
     raw = copy.deepcopy(raw)
     for k, v in parse_overrides(overrides).items():
         try:
             _set_dotted(raw, k, v)
-        except (IndexError, ValueError, TypeError, AttributeError):
-            raise ConfigError(f"{path}: override {k}={v!r}: no such key") from None
+        except (IndexError, ValueError, TypeError, AttributeError, KeyError):
+            raise ConfigError(f"{path}: override {k}={quote(v)}: no such key") from None
     return config_from_dict(raw, str(path), path.resolve().parent, check_models)
 
 
-def check_model_sizes(cfg: Config, source: str = "params.yaml") -> None:
-    """Unknown model names and students smaller than their teacher fail before any training."""
-    from models import param_count  # local import: building models pulls in torch
+def check_device(cfg: Config, source: str = "params.yaml") -> None:
+    """`device: cuda` on a machine without CUDA fails before any compute, not after the data is prepared."""
+    if cfg.device.startswith("cuda"):
+        import torch
 
-    n_classes = len(cfg.data.classes) if cfg.data.classes else 10
-    names = [("teacher.model", cfg.teacher)] + [
-        (f"generations[{i}].student.model", g.student) for i, g in enumerate(cfg.generations)
-    ]
-    counts: dict[str, int] = {}
-    for field, tc in names:
-        try:
-            counts[field] = param_count(tc.model, n_classes)
-        except KeyError:
-            raise ConfigError(f"{source}: {field} = {tc.model!r}: unknown model (not in timm's registry)") from None
-    prev_field, prev = "teacher.model", counts["teacher.model"]
-    for i, g in enumerate(cfg.generations):
-        field = f"generations[{i}].student.model"
-        if counts[field] < prev and not g.allow_smaller:
-            raise ConfigError(
-                f"{source}: {field} = {g.student.model!r}: student has {counts[field]:,} parameters, fewer than its "
-                f"teacher {prev_field} ({prev:,}); use an equal-or-larger student or set generations[{i}].allow_smaller: true"
-            )
-        prev_field, prev = field, counts[field]
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{source}: device = {cfg.device!r}: CUDA is not available on this machine "
+                              "(use device: auto or cpu)")
+        idx = int(cfg.device.split(":")[1]) if ":" in cfg.device else 0
+        if idx >= torch.cuda.device_count():
+            raise ConfigError(f"{source}: device = {cfg.device!r}: this machine has {torch.cuda.device_count()} GPU(s)")
 
 
 def portable_dump(cfg: Config) -> dict:
-    """`cfg.model_dump(mode="json")` with paths inside the project relative to params.yaml's folder (as written in
-    params.yaml), so the files that record a config are the same bytes in every clone of the project."""
+    """`cfg.model_dump(mode="json")` with paths inside the project relative to params.yaml's folder and credentials
+    redacted: what files that record a config contain, the same bytes in every clone of the project."""
     d = cfg.model_dump(mode="json")
 
     def rel(p: str | None) -> str | None:
-        if p is None:
-            return None
-        try:
-            return Path(p).relative_to(cfg.root).as_posix()
-        except ValueError:
-            return p  # outside the project: keep it absolute
+        return None if p is None else cfg.rel(Path(p))
 
     d["out_dir"] = rel(d["out_dir"])
-    for f in ("labeled", "unlabeled", "test", "val", "unlabeled_truth"):
+    for f in SPLITS:
         d["data"][f] = rel(d["data"][f])
-    return d
+    for tc in [d["teacher"]] + [g["student"] for g in d["generations"]]:
+        tc["pretrained_file"] = rel(tc["pretrained_file"])
+    return redact_tree(d)
 
 
-def write_effective_config(cfg: Config, out_dir: Path, stage: str, extra: dict | None = None) -> Path:
-    """The effective config next to a stage's outputs (timm-style), so every result explains itself."""
-    from nst.io import atomic_write_json
+def config_hash(cfg: Config) -> str:
+    """The one config hash (MLflow tags, effective configs): of the portable dump, so the same in every clone."""
+    return text_sha256(json.dumps(portable_dump(cfg), sort_keys=True))[:16]
 
-    config = portable_dump(cfg)
-    body = {"stage": stage, "config": config, "config_hash": text_sha256(json.dumps(config, sort_keys=True))[:16]}
-    if extra:
-        body.update(extra)
-    return atomic_write_json(Path(out_dir) / "config.json", body)
+
+def value_at(d: Any, dotted: str) -> Any:
+    """`value_at(dump, "generations.0.student")`: the value DVC's params key of the same name addresses."""
+    cur = d
+    for k in dotted.split("."):
+        cur = cur[int(k)] if isinstance(cur, list) else cur[k]
+    return cur

@@ -1,18 +1,24 @@
-"""Image sources, manifests and datasets.
+"""Image sources, manifests, decoding, transforms and data loading.
 
 A source is an ImageFolder directory (class sub-folders; a flat folder for unlabeled images) or a CSV/Parquet
-manifest with `path` and optional `label`. `prepare` turns every source into a Parquet manifest once
-(unreadable images skipped and listed); all later stages read only those manifests.
+manifest with `path` and optional `label`. `prepare` turns every source into a Parquet manifest once (one row
+per readable image: path relative to params.yaml's folder, label, content digest, size); later stages read only
+those manifests and address images by manifest row.
+
+Augmentation randomness is per sample: each sample's transform runs under RNG states seeded from
+(seed, epoch, stream, position in the epoch's stream), so the images a model sees depend on nothing else -
+not on DataLoader workers, not on other threads drawing from Python's global `random`.
 """
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
+import io
 import random
 import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -21,21 +27,21 @@ import pyarrow.parquet as pq
 import torch
 import torchvision.io as tvio
 import torchvision.transforms.v2.functional as TF
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from nst.errors import DataError
 
 # torchvision 0.29 deprecates torchvision.io decoding in favour of TorchCodec; it still works and is what this project
-# pins, so the per-call warning is silenced here rather than in every caller.
-warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
-                        category=DeprecationWarning)
+# pins, so the per-call warning is silenced for our calls only.
+_TV_DEPRECATION = "The image decoding and encoding capabilities of TorchVision"
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+JPEG_EXTS = {".jpg", ".jpeg"}
 MEAN = (0.5, 0.5, 0.5)
 STD = (0.5, 0.5, 0.5)
-MANIFEST_SCHEMA = pa.schema([("image_id", pa.string()), ("path", pa.string()), ("label", pa.int32())])
-
-
-class DataError(ValueError):
-    """Bad input data, phrased for the user (names the file and the problem)."""
+MANIFEST_SCHEMA = pa.schema([("path", pa.string()), ("label", pa.int32()), ("digest", pa.binary(16)),
+                             ("width", pa.int32()), ("height", pa.int32())])
+SPLITS = ("labeled", "unlabeled", "val", "test")
 
 
 @dataclass(frozen=True)
@@ -44,30 +50,33 @@ class Item:
     label_name: str | None
 
 
-def _image_id(path: str) -> str:
-    return hashlib.sha1(path.encode()).hexdigest()[:16]
+# ---- sources -------------------------------------------------------------------------------------
+
+def _read_table(src: Path) -> pa.Table:
+    try:
+        if src.suffix.lower() == ".csv":
+            return pacsv.read_csv(src, convert_options=pacsv.ConvertOptions(column_types={"label": pa.string()}))
+        return pq.read_table(src)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as e:
+        kind = "CSV" if src.suffix.lower() == ".csv" else "Parquet"
+        raise DataError(f"{src}: not a readable {kind} manifest ({str(e).splitlines()[0][:160]})") from None
 
 
-def scan_source(src: Path) -> list[Item]:
-    """List the images of an ImageFolder directory or a CSV/Parquet manifest (paths relative to it)."""
+def scan_source(src: Path, what: str = "data source") -> list[Item]:
+    """The images of an ImageFolder directory or a CSV/Parquet manifest (paths relative to it)."""
     src = Path(src)
     if not src.exists():
-        raise DataError(f"{src}: data source does not exist")
+        raise DataError(f"{src}: {what} does not exist")
     if src.is_dir():
         items = []
         for p in sorted(src.rglob("*")):
-            if p.is_file() and p.suffix.lower() in IMAGE_EXTS:
-                rel = p.relative_to(src)
+            rel = p.relative_to(src)
+            if p.suffix.lower() in IMAGE_EXTS and not any(part.startswith(".") for part in rel.parts) and p.is_file():
                 items.append(Item(str(p), rel.parts[0] if len(rel.parts) > 1 else None))
-        if not items:
-            raise DataError(f"{src}: no images found (expected {sorted(IMAGE_EXTS)})")
         return items
-    if src.suffix.lower() == ".csv":
-        table = pacsv.read_csv(src, convert_options=pacsv.ConvertOptions(column_types={"label": pa.string()}))
-    elif src.suffix.lower() in (".parquet", ".pq"):
-        table = pq.read_table(src)
-    else:
+    if src.suffix.lower() not in (".csv", ".parquet", ".pq"):
         raise DataError(f"{src}: not a directory, .csv or .parquet manifest")
+    table = _read_table(src)
     if "path" not in table.column_names:
         raise DataError(f"{src}: manifest has no 'path' column (columns: {table.column_names})")
     paths = table.column("path").to_pylist()
@@ -75,7 +84,7 @@ def scan_source(src: Path) -> list[Item]:
     out = []
     for i, (p, lab) in enumerate(zip(paths, labels)):
         if not p:
-            raise DataError(f"{src}: row {i + 1}: empty path")
+            raise DataError(f"{src}: row {i + 2}: empty path")
         full = Path(p) if Path(p).is_absolute() else src.parent / p
         out.append(Item(str(full), None if lab is None or lab == "" else str(lab)))
     return out
@@ -88,11 +97,6 @@ def infer_classes(items: list[Item], source: Path) -> list[str]:
     return names
 
 
-def decode(path: str) -> torch.Tensor:
-    """uint8 C×H×W RGB via torchvision.io (grayscale and alpha are converted)."""
-    return tvio.decode_image(tvio.read_file(path), mode=tvio.ImageReadMode.RGB)
-
-
 def relpath(path: str, root: Path) -> str:
     """Inside the project, paths are stored relative to it (portable outputs); outside, absolute."""
     try:
@@ -101,130 +105,14 @@ def relpath(path: str, root: Path) -> str:
         return str(Path(path).resolve())
 
 
-def build_manifest(items: list[Item], classes: list[str], source: Path, *, labeled: bool,
-                   max_bad_fraction: float, root: Path) -> tuple[pa.Table, list[dict]]:
-    """Check every image decodes; unknown labels are errors, unreadable files are skipped and listed."""
-    index = {c: i for i, c in enumerate(classes)}
-    ids, paths, labels, bad = [], [], [], []
-    for it in items:
-        if it.label_name is not None and it.label_name not in index:
-            if labeled:
-                raise DataError(f"{source}: {it.path}: label {it.label_name!r} is not one of the classes {classes}")
-        try:
-            decode(it.path)
-        except Exception as e:  # noqa: BLE001 - any decode failure makes the file unusable
-            bad.append({"path": it.path, "error": str(e).splitlines()[0][:200]})
-            continue
-        rel = relpath(it.path, root)
-        ids.append(_image_id(rel))
-        paths.append(rel)
-        labels.append(index.get(it.label_name, -1) if it.label_name is not None else -1)
-    if labeled and any(lab < 0 for lab in labels):
-        missing = next(p for p, lab in zip(paths, labels) if lab < 0)
-        raise DataError(f"{source}: {missing}: labeled image without a label")
-    if items and len(bad) / len(items) > max_bad_fraction:
-        raise DataError(
-            f"{source}: {len(bad)} of {len(items)} images unreadable (> data.max_bad_fraction = {max_bad_fraction}); "
-            f"first: {bad[0]['path']}: {bad[0]['error']}"
-        )
-    table = pa.table({"image_id": ids, "path": paths, "label": pa.array(labels, pa.int32())}, schema=MANIFEST_SCHEMA)
-    return table, bad
+def resolve_paths(paths: Sequence[str], root: Path) -> list[str]:
+    return [p if Path(p).is_absolute() else str(root / p) for p in paths]
 
 
 def read_manifest(path: Path) -> pa.Table:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: data not prepared; run `nst prepare` first")
     return pq.read_table(path)
-
-
-# ---- datasets -------------------------------------------------------------------------------------
-
-def normalize(x: torch.Tensor) -> torch.Tensor:
-    """uint8 (or [0,255] float) images -> the float input every model here expects."""
-    x = x.float().div_(255.0)
-    mean = torch.tensor(MEAN, device=x.device).view(-1, 1, 1)
-    std = torch.tensor(STD, device=x.device).view(-1, 1, 1)
-    return (x - mean) / std
-
-
-class ImageDataset(Dataset):
-    """Decodes with torchvision.io and resizes to `image_size`; small sets are decoded once and kept in memory.
-
-    Returns (uint8 image after `transform`, index). Targets are looked up by index by the caller's collate, so the
-    same dataset serves labels, soft pseudo-labels and unlabeled images.
-    """
-
-    def __init__(self, paths: list[str], image_size: int, transform: Callable | None = None,
-                 cache_bytes: int = 2 << 30):
-        self.paths = list(paths)
-        self.image_size = image_size
-        self.transform = transform
-        self._cache: torch.Tensor | None = None
-        if len(self.paths) * 3 * image_size * image_size <= cache_bytes:
-            self._cache = torch.stack([self._load(p) for p in self.paths]) if self.paths else None
-
-    def _load(self, path: str) -> torch.Tensor:
-        try:
-            img = decode(path)
-        except RuntimeError as e:  # e.g. a file corrupted after `prepare` checked it: name the culprit
-            raise DataError(f"{path}: cannot decode image ({str(e).splitlines()[0][:200]})") from None
-        if img.shape[-2:] != (self.image_size, self.image_size):
-            img = TF.resize(img, [self.image_size, self.image_size], antialias=True)
-        return img
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def raw(self, i: int) -> torch.Tensor:
-        return self._cache[i] if self._cache is not None else self._load(self.paths[i])
-
-    def all_raw(self) -> torch.Tensor:
-        return self._cache if self._cache is not None else torch.stack([self._load(p) for p in self.paths])
-
-    def __getitem__(self, i: int):
-        img = self.raw(i)
-        if self.transform is not None:
-            img = self.transform(img)
-        return img, i
-
-
-class TrainTransform:
-    """Crop-with-padding (+ flip) always; RandAugment (timm, magnitude unclipped via `mmax`) when configured.
-
-    Works on uint8 C×H×W tensors; RandAugment's ops are PIL-based, so images round-trip through PIL for it.
-    """
-
-    def __init__(self, image_size: int, hflip: bool, randaugment: str | None):
-        self.image_size, self.hflip = image_size, hflip
-        self.pad = max(1, image_size // 8)
-        self.randaugment = None
-        if randaugment:
-            from timm.data.auto_augment import rand_augment_transform
-
-            hparams = {"translate_const": max(1, int(image_size * 0.45)),
-                       "img_mean": tuple(round(255 * m) for m in MEAN)}
-            self.randaugment = rand_augment_transform(randaugment, hparams)
-
-    def __call__(self, img: torch.Tensor) -> torch.Tensor:
-        size, pad = self.image_size, self.pad
-        img = TF.pad(img, [pad], padding_mode="reflect")
-        top, left = random.randint(0, 2 * pad), random.randint(0, 2 * pad)
-        img = img[:, top:top + size, left:left + size]
-        if self.hflip and random.random() < 0.5:
-            img = img.flip(-1)
-        if self.randaugment is not None:
-            img = TF.pil_to_tensor(self.randaugment(TF.to_pil_image(img)))
-        return img
-
-
-def seed_worker(worker_id: int) -> None:
-    """DataLoader workers inherit torch's seed; give `random` (RandAugment) and numpy the same determinism."""
-    s = torch.initial_seed() % 2**32
-    random.seed(s)
-    np.random.seed(s)
-
-
-# ---- prepared splits ------------------------------------------------------------------------------
-
-SPLITS = ("labeled", "unlabeled", "val", "test")
 
 
 def prepared_dir(out_dir: Path) -> Path:
@@ -240,19 +128,308 @@ def read_classes(out_dir: Path) -> list[str]:
     return json.loads(f.read_text())
 
 
-def resolve_paths(paths: list[str], root: Path) -> list[str]:
-    return [p if Path(p).is_absolute() else str(root / p) for p in paths]
+# ---- decoding --------------------------------------------------------------------------------------
+
+def header_size(data: bytes, path: str) -> tuple[int, int]:
+    """(width, height) from the image header only (PIL opens lazily), before any pixel is decoded."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return im.size
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(f"{path}: cannot read image header ({str(e).splitlines()[0][:160]})") from None
 
 
-def open_split(out_dir: Path, root: Path, split: str, image_size: int, transform: Callable | None = None
+def check_pixels(width: int, height: int, max_pixels: int, path: str) -> None:
+    if width * height > max_pixels:
+        raise DataError(f"{path}: image is {width}x{height} = {width * height:,} pixels > data.max_image_pixels = "
+                        f"{max_pixels:,} (a decompression bomb, or raise the limit)")
+
+
+def decode_bytes(data: bytes, path: str, max_pixels: int) -> torch.Tensor:
+    """uint8 C×H×W RGB via torchvision.io (grayscale and alpha converted), after the header passed the pixel limit:
+    torchvision's decoders do not honour PIL's MAX_IMAGE_PIXELS, so a tiny PNG can otherwise cost gigabytes."""
+    w, h = header_size(data, path)
+    check_pixels(w, h, max_pixels, path)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_TV_DEPRECATION, category=DeprecationWarning)
+            return tvio.decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=tvio.ImageReadMode.RGB)
+    except RuntimeError as e:
+        first = str(e).splitlines()[0][:160]
+    try:  # formats torchvision does not decode (BMP, TIFF): PIL, which prepare's checks already accepted
+        from PIL import Image
+
+        with Image.open(io.BytesIO(data)) as im:
+            return TF.pil_to_tensor(im.convert("RGB"))
+    except (OSError, ValueError):
+        raise DataError(f"{path}: cannot decode image ({first})") from None
+
+
+def read_bytes(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read image ({e.strerror})") from None
+
+
+def decode(path: str, max_pixels: int = 89_478_485) -> torch.Tensor:
+    return decode_bytes(read_bytes(path), path, max_pixels)
+
+
+def open_pil(path: str, max_pixels: int, draft_size: int | None = None):
+    """RGB PIL image (for timm's PIL-based training transforms), header-checked first; JPEGs are decoded at a
+    reduced scale (DCT scaling) when much larger than needed."""
+    from PIL import Image
+
+    data = read_bytes(path)
+    check_pixels(*header_size(data, path), max_pixels, path)
+    try:
+        im = Image.open(io.BytesIO(data))
+        if draft_size and im.format == "JPEG":
+            im.draft("RGB", (draft_size, draft_size))
+        return im.convert("RGB")
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: cannot decode image ({str(e).splitlines()[0][:160]})") from None
+
+
+# ---- transforms ----------------------------------------------------------------------------------------
+
+def eval_resize(img: torch.Tensor, size: int, kind: str, crop_pct: float) -> torch.Tensor:
+    """Evaluation/labelling geometry on a uint8 tensor (CPU or GPU): pad_crop resizes to size×size; rrc resizes the
+    shorter side to size/crop_pct and crops the centre (timm's eval transform)."""
+    if kind == "pad_crop":
+        if img.shape[-2:] != (size, size):
+            img = TF.resize(img, [size, size], antialias=True)
+        return img
+    scale = int(size / crop_pct)
+    if min(img.shape[-2:]) != scale:
+        img = TF.resize(img, [scale], antialias=True)
+    return TF.center_crop(img, [size, size])
+
+
+def _randaugment(spec: str | None, size: int):
+    if not spec:
+        return None
+    from timm.data.auto_augment import rand_augment_transform
+
+    hparams = {"translate_const": max(1, int(size * 0.45)), "img_mean": tuple(round(255 * m) for m in MEAN)}
+    return rand_augment_transform(spec, hparams)
+
+
+class TrainTransform:
+    """pad_crop: crop-with-padding (+ flip) on the resized image; RandAugment (timm, magnitude unclipped via
+    `mmax`) when configured. Works on uint8 C×H×W tensors; RandAugment's ops are PIL-based."""
+
+    def __init__(self, image_size: int, hflip: bool, randaugment: str | None):
+        self.image_size, self.hflip = image_size, hflip
+        self.pad = max(1, image_size // 8)
+        self.randaugment = _randaugment(randaugment, image_size)
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        size, pad = self.image_size, self.pad
+        img = TF.pad(img, [pad], padding_mode="reflect")
+        top, left = random.randint(0, 2 * pad), random.randint(0, 2 * pad)
+        img = img[:, top:top + size, left:left + size]
+        if self.hflip and random.random() < 0.5:
+            img = img.flip(-1)
+        if self.randaugment is not None:
+            img = TF.pil_to_tensor(self.randaugment(TF.to_pil_image(img)))
+        return img
+
+
+class RRCTransform:
+    """rrc (photos): timm's RandomResizedCrop (configurable scale), flip, RandAugment on the PIL image; uint8 out
+    (normalisation happens on the device)."""
+
+    def __init__(self, image_size: int, hflip: bool, randaugment: str | None, scale: tuple[float, float]):
+        from timm.data.transforms import RandomResizedCropAndInterpolation
+
+        self.rrc = RandomResizedCropAndInterpolation(image_size, scale=tuple(scale), interpolation="bilinear")
+        self.hflip = hflip
+        self.randaugment = _randaugment(randaugment, image_size)
+
+    def __call__(self, im) -> torch.Tensor:
+        im = self.rrc(im)
+        if self.hflip and random.random() < 0.5:
+            from PIL import Image
+
+            im = im.transpose(Image.FLIP_LEFT_RIGHT)
+        if self.randaugment is not None:
+            im = self.randaugment(im)
+        return TF.pil_to_tensor(im)
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Run a sample's transform under RNGs seeded from `seed`, restoring the caller's states afterwards (the main
+    process's torch RNG also drives dropout, which must not depend on whether workers load the data)."""
+    py, npst, th = random.getstate(), np.random.get_state(), torch.default_generator.get_state()
+    random.seed(seed)
+    np.random.seed(seed & 0xFFFFFFFF)
+    torch.default_generator.manual_seed(seed & 0x7FFFFFFFFFFFFFFF)
+    try:
+        yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(npst)
+        torch.default_generator.set_state(th)
+
+
+_M64 = (1 << 64) - 1
+
+
+def mix64(*parts: int) -> int:
+    """A 64-bit hash of small integers (splitmix64 steps): per-sample seeds from (seed, epoch, stream, position)."""
+    x = 0x9E3779B97F4A7C15
+    for p in parts:
+        x = (x ^ (p & _M64)) * 0xBF58476D1CE4E5B9 & _M64
+        x ^= x >> 31
+        x = x * 0x94D049BB133111EB & _M64
+        x ^= x >> 29
+    return x
+
+
+# ---- datasets -----------------------------------------------------------------------------------------
+
+class ImageDataset(Dataset):
+    """Images addressed by index; `__getitem__((index, sample_seed))` applies the training transform under that
+    seed, `__getitem__(index)` gives the clean (evaluation-geometry) image.
+
+    Paths are held in one Arrow string array (no per-path Python objects, so forked workers share it
+    copy-on-write). A split whose decoded images fit in `cache_mb` is decoded once and kept in RAM; larger ones
+    are read per access, so memory does not grow with the data set.
+    """
+
+    def __init__(self, paths: Sequence[str] | pa.Array, image_size: int, *, kind: str = "pad_crop",
+                 crop_pct: float = 0.875, transform: Callable | None = None, max_pixels: int = 89_478_485,
+                 cache_mb: int = 0, rows: np.ndarray | None = None):
+        self.paths = paths if isinstance(paths, pa.Array) else pa.array(list(paths), pa.string())
+        self.rows = rows  # index -> row of `paths` (e.g. the balanced set's duplicated stream); None = identity
+        self.image_size, self.kind, self.crop_pct = image_size, kind, crop_pct
+        self.transform, self.max_pixels = transform, max_pixels
+        self._cache: torch.Tensor | None = None
+        n = len(self.paths)
+        if kind == "pad_crop" and 0 < n * 3 * image_size * image_size <= cache_mb * (1 << 20):
+            self._cache = torch.stack([self._load(i) for i in range(n)])
+
+    def _path(self, row: int) -> str:
+        return self.paths[row].as_py()
+
+    def _load(self, row: int) -> torch.Tensor:
+        return eval_resize(decode(self._path(row), self.max_pixels), self.image_size, self.kind, self.crop_pct)
+
+    def __len__(self) -> int:
+        return len(self.rows) if self.rows is not None else len(self.paths)
+
+    def row(self, i: int) -> int:
+        return int(self.rows[i]) if self.rows is not None else i
+
+    def raw(self, i: int) -> torch.Tensor:
+        r = self.row(i)
+        return self._cache[r] if self._cache is not None else self._load(r)
+
+    def all_raw(self) -> torch.Tensor:
+        return torch.stack([self.raw(i) for i in range(len(self))]) if len(self) else torch.empty(0)
+
+    def __getitem__(self, key):
+        if isinstance(key, tuple):
+            i, s = key
+            with seeded(s):
+                if self.kind == "rrc" and self.transform is not None:
+                    img = self.transform(open_pil(self._path(self.row(i)), self.max_pixels, 2 * self.image_size))
+                else:
+                    img = self.raw(i)
+                    if self.transform is not None:
+                        img = self.transform(img)
+            return img, self.row(i)
+        return self.raw(key), self.row(key)
+
+
+def build_train_transform(data_cfg, noise) -> Callable:
+    if data_cfg.transform == "rrc":
+        return RRCTransform(data_cfg.image_size, data_cfg.hflip, noise.randaugment, data_cfg.rrc_scale)
+    return TrainTransform(data_cfg.image_size, data_cfg.hflip, noise.randaugment)
+
+
+def dataset_for(data_cfg, paths, *, transform=None, rows=None, cache: bool = True) -> ImageDataset:
+    return ImageDataset(paths, data_cfg.image_size, kind=data_cfg.transform, crop_pct=data_cfg.crop_pct,
+                        transform=transform, max_pixels=data_cfg.max_image_pixels,
+                        cache_mb=data_cfg.cache_mb if cache else 0, rows=rows)
+
+
+def open_split(out_dir: Path, root: Path, split: str, data_cfg, transform: Callable | None = None
                ) -> tuple[ImageDataset, torch.Tensor, pa.Table] | None:
     """(dataset, labels, manifest) of a prepared split, or None for an absent optional split."""
     f = prepared_dir(out_dir) / f"{split}.parquet"
-    if not f.is_file():
-        if split == "val":
-            return None
-        raise FileNotFoundError(f"{f}: data not prepared; run `nst prepare` first")
+    if not f.is_file() and split == "val":
+        return None
     table = read_manifest(f)
-    ds = ImageDataset(resolve_paths(table.column("path").to_pylist(), root), image_size, transform)
-    labels = torch.tensor(table.column("label").to_numpy(), dtype=torch.long)
+    paths = pa.array(resolve_paths(table.column("path").to_pylist(), root), pa.string())
+    ds = dataset_for(data_cfg, paths, transform=transform)
+    labels = torch.from_numpy(table.column("label").to_numpy().astype(np.int64))
     return ds, labels, table
+
+
+# ---- batches --------------------------------------------------------------------------------------------
+
+class EpochBatches(Sampler):
+    """`steps` batches of `batch` (index, sample_seed) pairs per epoch, walking fresh seeded permutations of
+    range(n) (cycling small sets). Under DDP every rank walks the same global batches and takes the positions
+    j ≡ rank (mod world): no overlap, and each sample keeps the seed it has in a single-process run.
+    `set_epoch` before each epoch; the sampler runs in the main process, so persistent workers see it."""
+
+    def __init__(self, n: int, batch: int, steps: int, seed: int, stream: int, rank: int = 0, world: int = 1):
+        self.n, self.batch, self.steps, self.seed, self.stream = n, batch, steps, seed, stream
+        self.rank, self.world, self.epoch = rank, world, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self):
+        gen = torch.Generator().manual_seed(mix64(self.seed, self.epoch, self.stream) & 0x7FFFFFFFFFFFFFFF)
+        need, chunks, have = self.steps * self.batch, [], 0
+        while have < need:
+            chunks.append(torch.randperm(self.n, generator=gen))
+            have += self.n
+        flat = torch.cat(chunks)[:need].tolist()
+        for s in range(self.steps):
+            lo = s * self.batch
+            yield [(flat[lo + j], mix64(self.seed, self.epoch, self.stream, lo + j))
+                   for j in range(self.rank, self.batch, self.world)]
+
+
+def collate_images(batch):
+    imgs, rows = zip(*batch)
+    return torch.stack(imgs), torch.tensor(rows, dtype=torch.long)
+
+
+def make_loader(ds: Dataset, *, batch_sampler: Sampler | None = None, batch_size: int | None = None,
+                workers: int = 0, pin: bool = False, persistent: bool = True) -> DataLoader:
+    """Worker processes are persistent and prefetch; uint8 batches (normalised later, on the device). Workers are
+    forked: stages run in their own `nst` process, where no orchestrator thread holds a lock at fork time."""
+    kw = dict(num_workers=workers, pin_memory=pin, collate_fn=collate_images)
+    if workers > 0:
+        kw |= dict(persistent_workers=persistent, prefetch_factor=4)
+    if batch_sampler is not None:
+        return DataLoader(ds, batch_sampler=batch_sampler, **kw)
+    return DataLoader(ds, batch_size=batch_size, shuffle=False, **kw)
+
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    """uint8 (or [0,255] float) images -> the float input every model here expects."""
+    x = x.float().div_(255.0)
+    mean = torch.tensor(MEAN, device=x.device).view(-1, 1, 1)
+    std = torch.tensor(STD, device=x.device).view(-1, 1, 1)
+    return (x - mean) / std
+
+
+def to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    """uint8 batch -> normalised float on the device (copied non-blocking from pinned memory on CUDA)."""
+    x = normalize(x.to(device, non_blocking=True))
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x

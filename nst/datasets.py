@@ -20,6 +20,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from nst.errors import DataError
 from nst.io import atomic_write_json, atomic_write_text, file_lock
 
 TOY_CLASSES = ["circle", "square", "triangle", "plus", "ring", "hstripes", "vstripes", "cross", "dots", "ell"]
@@ -87,19 +88,40 @@ def _save_png(img: Image.Image, path: Path) -> None:
     path.write_bytes(buf.getvalue())
 
 
+MARKER = "dataset.json"
+
+
+def _ours(folder: Path) -> bool:
+    return (folder / MARKER).is_file()
+
+
 def _build(out: Path, spec: dict, force: bool, write: Callable[[Path], None]) -> Path:
     """Build a dataset folder once. `write` fills a temp folder that is swapped into place whole, so a crash never
-    leaves half a dataset; a lock makes two processes asking at once (a flow and a `dvc repro`) build it once."""
+    leaves half a dataset; a lock makes two processes asking at once (a flow and a `dvc repro`) build it once.
+
+    Only folders this module made (they hold `dataset.json`) are ever replaced: an existing folder without the
+    marker - a user's data, a project - stops the build with an error and is left untouched."""
+    if out.exists() and not _ours(out) and (not out.is_dir() or any(out.iterdir())):
+        raise DataError(f"{out}: exists and was not made by `nst data` (no {MARKER}); refusing to overwrite it - "
+                        "move it away or generate the built-in set elsewhere")
     if _up_to_date(out, spec) and not force:
         return out
-    with file_lock(out.with_name(out.name + ".lock")):
+    with file_lock(out.with_name(f".{out.name}.lock")):
         if _up_to_date(out, spec) and not force:
             return out
-        tmp = out.with_name(out.name + ".partial")
-        shutil.rmtree(tmp, ignore_errors=True)
+        tmp = out.with_name(f".{out.name}.partial")
+        if tmp.exists():
+            if not (tmp / ".nst-partial").is_file():
+                raise DataError(f"{tmp}: exists and was not made by `nst data`; refusing to delete it")
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        (tmp / ".nst-partial").touch()
         write(tmp)
-        atomic_write_json(tmp / "dataset.json", spec)
+        (tmp / ".nst-partial").unlink()
+        atomic_write_json(tmp / MARKER, spec)
         if out.exists():
+            if not _ours(out) and any(out.iterdir()):  # appeared meanwhile: still never delete foreign data
+                raise DataError(f"{out}: exists and was not made by `nst data`; refusing to overwrite it")
             shutil.rmtree(out)
         tmp.rename(out)
     return out
@@ -163,7 +185,7 @@ def make_digits(out: Path, *, labels_per_class: int = 10, seed: int = 0, force: 
         for c in range(10):
             pool = idx_train[y[idx_train] == c]
             if labels_per_class > len(pool):
-                raise ValueError(f"--labels-per-class {labels_per_class}: class {c} has only {len(pool)} training "
+                raise DataError(f"--labels-per-class {labels_per_class}: class {c} has only {len(pool)} training "
                                  "images")
             labeled.extend(rng.choice(pool, labels_per_class, replace=False).tolist())
         lab_set = set(labeled)
@@ -180,5 +202,8 @@ def make_digits(out: Path, *, labels_per_class: int = 10, seed: int = 0, force: 
 def _up_to_date(out: Path, spec: dict) -> bool:
     import json
 
-    f = out / "dataset.json"
-    return f.is_file() and json.loads(f.read_text()) == spec
+    f = out / MARKER
+    try:
+        return f.is_file() and json.loads(f.read_text()) == spec
+    except ValueError:
+        return False

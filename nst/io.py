@@ -1,4 +1,4 @@
-"""Atomic file writes and content hashes.
+"""Atomic file writes, locks and content hashes.
 
 Every output a later stage trusts is written to a temp file in the same folder and renamed into place,
 so a crash leaves either the old file or the new one, never half of one.
@@ -8,41 +8,43 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any, Iterator
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+from nst.errors import Busy
+
+RUN_TOKEN_ENV = "NST_RUN_TOKEN"
+
+
+def _temp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp path next to `path`; rename it onto `path` only if the block succeeds."""
+    """Yield a temp path next to `path`; rename it onto `path` only if the block succeeds.
+
+    The temp file is created with mode 0666 filtered by the process umask (what a plain open() gives), so
+    outputs get the usual permissions without reading the umask (which can only be read by changing it)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp = _temp_name(path)
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
-        yield tmp_path
-        if tmp_path.exists():
-            os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the usual permissions
-        os.replace(tmp_path, path)
+        yield tmp
+        os.replace(tmp, path)
     finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
-
-
-class Busy(RuntimeError):
-    """Another process holds the lock."""
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
 
 
 @contextlib.contextmanager
-def file_lock(path: str | os.PathLike, *, wait: bool = True, what: str = "") -> Iterator[None]:
+def file_lock(path: str | os.PathLike, *, wait: bool = True, what: str = "") -> Iterator[Any]:
     """An exclusive advisory lock (flock) on `path`: serialises our own processes on one resource. The kernel drops
     it when the holder dies, so a killed run never leaves a stale lock. `wait=False` raises `Busy` instead."""
     path = Path(path)
@@ -53,16 +55,61 @@ def file_lock(path: str | os.PathLike, *, wait: bool = True, what: str = "") -> 
         except BlockingIOError:
             raise Busy(f"{path}: {what or 'locked'} (held by another process)") from None
         try:
-            yield
+            yield f
         finally:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
-def run_lock(out_dir: str | os.PathLike):
-    """Held for a whole pipeline run: two runs writing one out_dir would interleave each other's stages."""
-    return file_lock(Path(out_dir) / ".run.lock", wait=False,
-                     what=f"another pipeline run is writing {out_dir}; wait for it, or set out_dir elsewhere")
+def _lock_path(out_dir: str | os.PathLike) -> Path:
+    return Path(out_dir) / ".nst" / "run.lock"
 
+
+def _busy_message(out_dir) -> str:
+    return f"another pipeline run is writing {out_dir}; wait for it, or set out_dir elsewhere"
+
+
+@contextlib.contextmanager
+def run_lock(out_dir: str | os.PathLike) -> Iterator[str]:
+    """Held for a whole pipeline run: two runs writing one out_dir would interleave each other's stages.
+
+    Yields the run's token; while held, `$NST_RUN_TOKEN` carries it to the stage commands this run launches, and
+    `stage_lock` lets exactly those in (any other writer is refused)."""
+    token = secrets.token_hex(16)
+    with file_lock(_lock_path(out_dir), wait=False, what=_busy_message(out_dir)) as f:
+        f.seek(0)
+        f.truncate()
+        f.write(f"{token} {os.getpid()}\n")
+        f.flush()
+        old = os.environ.get(RUN_TOKEN_ENV)
+        os.environ[RUN_TOKEN_ENV] = token
+        try:
+            yield token
+        finally:
+            if old is None:
+                os.environ.pop(RUN_TOKEN_ENV, None)
+            else:
+                os.environ[RUN_TOKEN_ENV] = old
+            f.seek(0)
+            f.truncate()
+
+
+@contextlib.contextmanager
+def stage_lock(out_dir: str | os.PathLike) -> Iterator[None]:
+    """Taken by every command that writes into out_dir: inside the pipeline run that launched it (its token
+    matches the lock holder's) it proceeds; otherwise it takes the run lock itself (handing its own token to the
+    processes it starts, e.g. torchrun's ranks), or stops at once when another run holds it."""
+    token = os.environ.get(RUN_TOKEN_ENV)
+    lock = _lock_path(out_dir)
+    if token and lock.is_file():
+        held = lock.read_text().split()
+        if held and held[0] == token:
+            yield
+            return
+    with run_lock(out_dir):
+        yield
+
+
+# ---- writes -------------------------------------------------------------------------------------------------
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     with atomic_path(path) as tmp:
@@ -77,35 +124,43 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def dumps(obj: Any) -> str:
+    """The one JSON format of our outputs: sorted keys, indented, stable across runs."""
+    return json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n"
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    return atomic_write_text(path, dumps(obj))
 
 
 def read_json(path: str | os.PathLike) -> Any:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    """A JSON file we (or a user) wrote; a malformed one is a one-line DataError naming it."""
+    from nst.errors import DataError
 
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not valid JSON ({str(e).splitlines()[0][:120]})") from None
+
+
+# ---- hashes ---------------------------------------------------------------------------------------------------
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def tree_sha256(path: str | os.PathLike) -> str:
-    """Content hash of a file or a folder (relative paths + file hashes), for cache keys and lineage."""
-    path = Path(path)
-    if path.is_file():
-        return file_sha256(path)
-    h = hashlib.sha256()
-    for p in sorted(q for q in path.rglob("*") if q.is_file() and not q.name.startswith(".")):
-        h.update(p.relative_to(path).as_posix().encode())
-        h.update(b"\0")
-        h.update(file_sha256(p).encode())
-        h.update(b"\n")
-    return h.hexdigest()
+@functools.lru_cache(maxsize=65536)
+def _stat_memo_sha256(path: str, size: int, mtime_ns: int, inode: int) -> str:
+    return file_sha256(path)
+
+
+def content_digest(path: str | os.PathLike) -> str:
+    """sha256 of a file's content, memoised per (path, size, mtime, inode) within this process, so checking
+    the same model weights for several shards hashes them once."""
+    st = os.stat(path)
+    return _stat_memo_sha256(str(path), st.st_size, st.st_mtime_ns, st.st_ino)
 
 
 def text_sha256(text: str) -> str:

@@ -27,11 +27,11 @@ def columns(rows: list[dict]) -> list[str]:
 def generation_rows(cfg: Config) -> list[dict]:
     rows, prev = [], None
     for name in ["g0"] + [g.name for g in cfg.generations]:
-        mdir, mfile = cfg.model_dir(name), cfg.gen_dir(name) / "eval" / "metrics.json"
+        mdir, mfile = cfg.model_dir(name), cfg.eval_dir(name) / "metrics.json"
         if not (is_complete(mdir) and mfile.is_file()):
             continue
         meta, m = read_meta(mdir), read_json(mfile)
-        stats_f = cfg.gen_dir(name) / "balanced" / "stats.json"
+        stats_f = cfg.balanced_dir(name) / "stats.json"
         row = {
             "generation": name, "role": "teacher" if name == "g0" else "student", "model": meta["model"],
             "params": meta["params"], "test_top1": m["test/top1"],
@@ -82,3 +82,101 @@ def write_summary(cfg: Config) -> tuple[list[dict], Path]:
     atomic_write_json(cfg.out_dir / "summary.json", rows)
     atomic_write_text(cfg.out_dir / "summary.md", markdown_table(rows))
     return rows, cfg.out_dir / "summary.json"
+
+
+def write_csv(rows: list[dict], path: str | Path) -> Path:
+    import csv
+    import io
+
+    from nst.io import atomic_write_text
+
+    cols = columns(rows) + ["run_id"]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow({c: ("" if r.get(c) is None else r.get(c)) for c in cols})
+    return atomic_write_text(path, buf.getvalue())
+
+
+def labels_report(cfg: Config, gen: str, csv_path: str | None = None) -> str:
+    """`nst labels gN`: what the student gN trained on, per class - what to open first when a student
+    disappoints. With `csv_path`, also the selected rows (image path, class, confidence, copies, hidden label)."""
+    import pyarrow.parquet as pq
+
+    g = cfg.generation(gen)
+    sf = cfg.balanced_dir(gen) / "stats.json"
+    if not sf.is_file():
+        raise FileNotFoundError(f"{sf}: no balanced pseudo-labels yet; run `nst filter-balance {gen}`")
+    s = read_json(sf)
+    head = ["class", "predicted", "dropped", "capped", "duplicated", "final", "mean conf", "acc (hidden labels)"]
+    lines = [f"{gen}: pseudo-labels made by {g.teacher} - {s['total']:,} labelled, {s['dropped']:,} below "
+             f"{s['threshold']:g}, {s['capped']:,} capped, {s['duplicated']:,} duplicated -> {s['final']:,} "
+             f"(K = {s['target_per_class']} per class)", ""]
+    cells = [head]
+    bal = pq.read_table(cfg.balanced_dir(gen) / "balanced.parquet", columns=["row", "pred", "conf", "copies"])
+    classes = list(s["per_class"])
+    import numpy as np
+
+    pred, copies = bal.column("pred").to_numpy().astype(np.int64), bal.column("copies").to_numpy().astype(np.float64)
+    conf_sum = np.bincount(pred, weights=bal.column("conf").to_numpy().astype(np.float64) * copies,
+                           minlength=len(classes))
+    copies_sum = np.bincount(pred, weights=copies, minlength=len(classes))
+    for i, c in enumerate(classes):
+        v = s["per_class"][c]
+        acc = v.get("pseudo_label_acc")
+        cells.append([c, f"{v['predicted']:,}", f"{v['below_threshold']:,}", f"{v['capped']:,}",
+                      f"{v['duplicated']:,}", f"{v['final']:,}",
+                      f"{conf_sum[i] / copies_sum[i]:.3f}" if copies_sum[i] else "-",
+                      "-" if acc is None else f"{100 * acc:.1f}%"])
+    widths = [max(len(r[j]) for r in cells) for j in range(len(head))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in cells]
+    if csv_path:
+        import pyarrow as pa
+        import pyarrow.csv as pacsv
+
+        from nst.io import atomic_path
+
+        man = pq.read_table(cfg.data_dir / "unlabeled.parquet", columns=["path", "label"])
+        rows = pa.array(bal.column("row").to_numpy())
+        names = pa.array(classes)
+        truth = man.column("label").take(rows).to_numpy()
+        out = pa.table({"path": man.column("path").take(rows), "pseudo_label": names.take(bal.column("pred")),
+                        "confidence": pa.array(bal.column("conf").to_numpy().astype("float32")),
+                        "copies": bal.column("copies"),
+                        "hidden_label": pa.array([classes[t] if t >= 0 else None for t in truth], pa.string())})
+        with atomic_path(csv_path) as tmp:
+            pacsv.write_csv(out, tmp)
+        lines += ["", f"rows: {csv_path} ({out.num_rows:,} images)"]
+    return "\n".join(lines)
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f}%"
+
+
+def summary_markdown(cfg: Config, gen: str) -> str:
+    """One generation's card (a Prefect artifact): model, test top-1, change vs its teacher, the pseudo-labels it
+    trained on per class."""
+    row = next((r for r in generation_rows(cfg) if r["generation"] == gen), None)
+    if row is None:
+        return f"### {gen}\n\nno evaluated model yet\n"
+    teacher = "-" if gen == "g0" else cfg.generation(gen).teacher
+    delta = row["delta_vs_teacher"]
+    lines = [f"### {gen}: {row['role']} `{row['model']}` ({row['params']:,} parameters)", "",
+             "| test top-1 | change vs teacher | teacher | test ECE |", "|---|---|---|---|",
+             f"| {_pct(row['test_top1'])} | {'-' if delta is None else f'{100 * delta:+.1f} pt'} | {teacher} "
+             f"| {row['test_ece']:.3f} |"]
+    stats_f = cfg.balanced_dir(gen) / "stats.json"
+    if stats_f.is_file():
+        s = read_json(stats_f)
+        lines += ["", f"Pseudo-labels: {s['total']} labelled, {s['dropped']} dropped below {s['threshold']:g}, "
+                      f"{s['capped']} capped, {s['duplicated']} duplicated -> {s['final']} "
+                      f"(K = {s['target_per_class']} per class)"]
+        if "pseudo_label_acc_kept" in s:
+            lines[-1] += f"; accuracy of kept pseudo-labels {_pct(s['pseudo_label_acc_kept'])}"
+        lines += ["", "| class | predicted | dropped | kept | capped | duplicated | final |", "|---|---|---|---|---|---|---|"]
+        for c, v in s["per_class"].items():
+            lines.append(f"| {c} | {v['predicted']} | {v['below_threshold']} | {v['unique']} | {v['capped']} "
+                         f"| {v['duplicated']} | {v['final']} |")
+    return "\n".join(lines) + "\n"

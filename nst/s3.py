@@ -18,6 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nst.errors import NstError
+from nst.progress import Progress
+from nst.secrets import redact
+
 from nst.io import atomic_path, atomic_write_json, read_json
 
 log = logging.getLogger(__name__)
@@ -29,8 +33,20 @@ _BUCKET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.\-_]{1,253}[A-Za-z0-9]$")
 _TRANSIENT_CODES = {"InternalError", "ServiceUnavailable", "SlowDown", "Throttling", "RequestTimeout"}
 
 
-class S3PullError(RuntimeError):
-    """Some objects could not be downloaded after all retries; the message names them."""
+class S3PullError(NstError, RuntimeError):
+    """An S3 transfer failed for good (bad endpoint, missing bucket, no credentials, objects failing after
+    retries); the message names the URI or the keys, one line, no credentials."""
+
+
+def _s3_reason(e: BaseException) -> str:
+    from botocore.exceptions import ClientError, NoCredentialsError
+
+    if isinstance(e, NoCredentialsError):
+        return "no credentials (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or an AWS profile)"
+    if isinstance(e, ClientError):
+        err = e.response.get("Error", {})
+        return f"{err.get('Code', 'error')}: {err.get('Message', '')}".strip()
+    return redact(_one_line(e))
 
 
 class _IncompleteDownload(Exception):
@@ -208,7 +224,12 @@ def pull_prefix(
     if client is None:
         client = make_client(endpoint_url, max_pool_connections=max(10, max_workers))
 
-    objects = list_prefix(client, bucket, prefix, page_size=page_size)
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        objects = list_prefix(client, bucket, prefix, page_size=page_size)
+    except (BotoCoreError, ClientError) as e:
+        raise S3PullError(f"{uri}: cannot list objects ({_s3_reason(e)})") from None
     bad = [o.key for o in objects if not _safe_rel(o.rel)]
     if bad:
         shown = ", ".join(repr(k) for k in bad[:5]) + (f" (+{len(bad) - 5} more)" if len(bad) > 5 else "")
@@ -234,18 +255,21 @@ def pull_prefix(
         with ThreadPoolExecutor(max_workers=max(1, min(max_workers, len(todo)))) as pool:
             futures = {pool.submit(_download_one, client, bucket, o, dest / o.rel, attempts, backoff_s): o
                        for o in todo}
+            bar = Progress(f"pull {uri}", total=sum(o.size for o in todo), unit="B", logger=log).__enter__()
             for fut in as_completed(futures):
                 o = futures[fut]
+                bar.advance(o.size)
                 try:
                     etag, size, retries = fut.result()
                 except Exception as e:  # collected and reported together below
                     failed[o.key] = e
-                    log.error("s3 get %s failed for good: %s: %s", o.key, type(e).__name__, _one_line(e))
+                    log.warning("s3 get %s failed for good: %s: %s", o.key, type(e).__name__, _one_line(e))
                     continue
                 new_manifest[o.rel] = {"etag": etag, "size": size}
                 counts["downloaded"] += 1
                 counts["bytes"] += size
                 counts["retries"] += retries
+            bar.__exit__(None, None, None)
 
     atomic_write_json(dest / MANIFEST_NAME, dict(sorted(new_manifest.items())))
     counts["failed"] = len(failed)
@@ -256,7 +280,7 @@ def pull_prefix(
         first = failed[keys[0]]
         raise S3PullError(
             f"pull {uri}: {len(keys)} of {len(objects)} object(s) failed after {attempts} attempt(s): {shown} "
-            f"(first error: {type(first).__name__}: {_one_line(first)})"
+            f"(first error: {type(first).__name__}: {_s3_reason(first)})"
         )
     return counts
 

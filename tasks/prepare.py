@@ -1,87 +1,120 @@
-"""Stage `prepare`: every data source becomes a Parquet manifest once; unreadable images are skipped and listed."""
+"""Stage `prepare`: every data source becomes a Parquet manifest once (one row per readable image with its content
+digest); unreadable images and decompression bombs are skipped and listed."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
+import os
 from pathlib import Path
 
-from nst.config import Config, write_effective_config
-from nst.data import build_manifest, infer_classes, prepared_dir, scan_source
-from nst.io import atomic_path, atomic_write_json, file_sha256, read_json, text_sha256
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from nst.config import Config
+from nst.data import MANIFEST_SCHEMA, Item, infer_classes, relpath, scan_source
+from nst.errors import DataError
+from nst.io import atomic_path, atomic_write_json
+from nst.progress import Progress
+from tasks.spec import CORE, Stage
 
 log = logging.getLogger("nst.prepare")
 
+# ---- prepare --------------------------------------------------------------------------------------------------
 
-def source_fingerprint(path: Path | None) -> str:
-    """A data source: file content for a manifest; for an image folder the list of (relative path, size, mtime),
-    which keeps the check cheap for millions of images (prepare's outputs are content-hashed downstream)."""
-    if path is None:
-        return "none"
-    if path.is_file():
-        return file_sha256(path)
-    if not path.is_dir():
-        return f"missing:{path}"
-    h = hashlib.sha256()
-    for p in sorted(q for q in path.rglob("*") if q.is_file()):
-        st = p.stat()
-        h.update(f"{p.relative_to(path).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()
-
-
-def fingerprint(cfg: Config) -> str:
-    """Identity of prepare's inputs: the data config + every source. Unchanged => nothing to redo (and the flow's
-    cache key for the stage)."""
+def _splits(cfg: Config) -> list[tuple[str, Path]]:
     d = cfg.data
-    parts = [d.model_dump_json()] + [source_fingerprint(p) for p in (d.labeled, d.unlabeled, d.val, d.test,
-                                                                      d.unlabeled_truth)]
-    return text_sha256("\n".join(parts))
+    return [(s, p) for s, p in (("labeled", d.labeled), ("val", d.val), ("test", d.test), ("unlabeled", d.unlabeled))
+            if p is not None]
 
 
-def prepare(cfg: Config) -> dict:
-    import pyarrow.parquet as pq
+def _check(items: list[Item], cfg: Config, split: str, cache) -> list:
+    from nst.scan import check_files
 
-    out = prepared_dir(cfg.out_dir)
-    fp = fingerprint(cfg)
-    done = out / "prepare.json"
-    if done.is_file() and read_json(done).get("fingerprint") == fp:
-        log.info("data already prepared in %s", out)
-        return read_json(done)
+    workers = cfg.data.prepare_workers or min(8, os.cpu_count() or 1)
+    with Progress(f"prepare/{split}", total=len(items), unit="files", logger=log) as bar:
+        return check_files([it.path for it in items], max_pixels=cfg.data.max_image_pixels, verify=cfg.data.verify,
+                           workers=workers, cache=cache, on_progress=lambda done, total: bar.advance(done - bar.done))
 
-    labeled_items = scan_source(cfg.data.labeled)
-    classes = cfg.data.classes or infer_classes(labeled_items, cfg.data.labeled)
-    counts, bad_all, paths = {}, {}, {}
-    for split, src in (("labeled", cfg.data.labeled), ("val", cfg.data.val), ("test", cfg.data.test),
-                       ("unlabeled", cfg.data.unlabeled)):
-        if src is None:
-            (out / f"{split}.parquet").unlink(missing_ok=True)
+
+def build_manifest(items: list[Item], checks: list, classes: list[str], source: Path, *, split: str,
+                   max_bad_fraction: float, root: Path) -> tuple[pa.Table, list[dict]]:
+    index = {c: i for i, c in enumerate(classes)}
+    labeled = split != "unlabeled"
+    paths, labels, digests, widths, heights, bad = [], [], [], [], [], []
+    for it, ck in zip(items, checks):
+        if it.label_name is not None and it.label_name not in index and labeled:
+            raise DataError(f"{source}: {it.path}: label {it.label_name!r} is not one of the classes {classes}")
+        if ck.error is not None:
+            bad.append({"path": relpath(it.path, root), "error": ck.error})
             continue
-        items = labeled_items if split == "labeled" else scan_source(src)
-        table, bad = build_manifest(items, classes, src, labeled=split != "unlabeled",
-                                    max_bad_fraction=cfg.data.max_bad_fraction, root=cfg.root)
-        if split == "unlabeled" and cfg.data.unlabeled_truth is not None:
-            table = _attach_truth(table, cfg.data.unlabeled_truth, classes, cfg.root)
-        with atomic_path(out / f"{split}.parquet") as tmp:
-            pq.write_table(table, tmp)
-        counts[split], bad_all[split], paths[split] = table.num_rows, bad, str(out / f"{split}.parquet")
-        if bad:
-            log.warning("%s: skipped %d unreadable images (listed in bad_images.json)", src, len(bad))
+        if labeled and it.label_name is None:
+            raise DataError(f"{source}: {it.path}: labeled image without a label")
+        paths.append(relpath(it.path, root))
+        labels.append(index.get(it.label_name, -1) if it.label_name is not None else -1)
+        digests.append(bytes.fromhex(ck.digest[:32]))
+        widths.append(ck.width)
+        heights.append(ck.height)
+    if not items:
+        raise DataError(f"{source}: data.{split} has no images (an empty folder or a manifest without rows)")
+    if len(bad) / len(items) > max_bad_fraction:
+        raise DataError(f"{source}: {len(bad)} of {len(items)} images unreadable (> data.max_bad_fraction = "
+                        f"{max_bad_fraction}); first: {bad[0]['path']}: {bad[0]['error']}")
+    table = pa.table({"path": paths, "label": pa.array(labels, pa.int32()), "digest": pa.array(digests, pa.binary(16)),
+                      "width": pa.array(widths, pa.int32()), "height": pa.array(heights, pa.int32())},
+                     schema=MANIFEST_SCHEMA)
+    return table, bad
+
+
+def prepare(cfg: Config, gen: str = "", fingerprint: str = "") -> dict:
+    from nst.scan import HashCache
+
+    out = cfg.data_dir
+    labeled_items = scan_source(cfg.data.labeled, "data.labeled")
+    classes = cfg.data.classes or infer_classes(labeled_items, cfg.data.labeled)
+    counts, bad_all = {}, {}
+    with HashCache.for_out_dir(cfg.out_dir) as cache:
+        for split, src in _splits(cfg):
+            items = labeled_items if split == "labeled" else scan_source(src, f"data.{split}")
+            checks = _check(items, cfg, split, cache)
+            table, bad = build_manifest(items, checks, classes, src, split=split,
+                                        max_bad_fraction=cfg.data.max_bad_fraction, root=cfg.root)
+            if split == "unlabeled" and cfg.data.unlabeled_truth is not None:
+                table = _attach_truth(table, cfg.data.unlabeled_truth, classes, cfg.root)
+            with atomic_path(out / f"{split}.parquet") as tmp:
+                pq.write_table(table, tmp, compression="zstd")
+            counts[split], bad_all[split] = table.num_rows, bad
+            if bad:
+                log.warning("%s: skipped %d unreadable images (listed in bad_images.json)", src, len(bad))
+    if cfg.data.val is None:
+        (out / "val.parquet").unlink(missing_ok=True)
     atomic_write_json(out / "classes.json", classes)
     atomic_write_json(out / "bad_images.json", bad_all)
-    write_effective_config(cfg, out, "prepare")
-    result = {"fingerprint": fp, "out_dir": str(out), "paths": paths, "classes": classes,
-              "metrics": {f"n_{k}": v for k, v in counts.items()} | {"n_bad": sum(len(b) for b in bad_all.values())}}
-    atomic_write_json(done, result)
-    return result
+    return {"classes": classes,
+            "metrics": {f"n_{k}": v for k, v in counts.items()} | {"n_bad": sum(len(b) for b in bad_all.values())}}
 
 
-def _attach_truth(table, truth_path, classes, root):
+def _attach_truth(table: pa.Table, truth_path: Path, classes: list[str], root: Path) -> pa.Table:
     """Hidden labels of the unlabeled set (toy/digits), kept only to report pseudo-label accuracy."""
-    import pyarrow as pa
-
-    from nst.data import relpath
-
     index = {c: i for i, c in enumerate(classes)}
-    truth = {relpath(it.path, root): index.get(it.label_name, -1) for it in scan_source(truth_path)}
+    truth = {relpath(it.path, root): index.get(it.label_name, -1)
+             for it in scan_source(truth_path, "data.unlabeled_truth")}
     labels = [truth.get(p, -1) for p in table.column("path").to_pylist()]
     return table.set_column(table.schema.get_field_index("label"), "label", pa.array(labels, pa.int32()))
+
+
+SOURCE_KEYS = ["data.builtin", "data.labeled", "data.unlabeled", "data.val", "data.test", "data.unlabeled_truth",
+               "data.classes", "data.max_bad_fraction", "data.max_image_pixels", "data.verify"]
+
+
+def manifest_outs(cfg: Config) -> list[Path]:
+    d = cfg.data_dir
+    return [d / f"{s}.parquet" for s, _ in _splits(cfg)] + [d / "classes.json", d / "bad_images.json", d / "config.json"]
+
+
+PREPARE = Stage(
+    name="prepare", fn=prepare, scope="project",
+    params=lambda c, g: SOURCE_KEYS,
+    deps=lambda c, g: [p for _, p in _splits(c)] + ([c.data.unlabeled_truth] if c.data.unlabeled_truth else []),
+    outs=lambda c, g: manifest_outs(c),
+    code=CORE + ("nst/data.py", "nst/scan.py", "tasks/prepare.py"),
+)

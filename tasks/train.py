@@ -1,103 +1,157 @@
-"""Stages `train-teacher` and `train-student`: both are the one loop in `nst.train.fit`, fed differently."""
+"""Stages `train-teacher` and `train-student`: both are the one loop in `nst.train.fit`, fed differently.
+
+Under `torchrun` (distributed.nproc_per_node > 1) the same functions run in every rank; rank 0 writes."""
 
 from __future__ import annotations
 
 import logging
+import time
+from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
+import pyarrow as pa
 import torch
 
-from nst.checkpoint import build_model, load_model
-from nst.config import Config, write_effective_config
-from nst.data import ImageDataset, TrainTransform, open_split, read_classes, resolve_paths
-from nst.io import file_sha256
-from nst.train import fit, resolve_device
+from nst.checkpoint import STATE, WEIGHTS, init_model, load_model
+from nst.config import Config
+from nst.data import build_train_transform, dataset_for, open_split, read_classes, read_manifest, resolve_paths
+from nst.distributed import setup
+from nst.errors import StageError
+from nst.io import atomic_write_json
+from nst.train import SparseTargets, fit, resolve_device
+from tasks.spec import MODEL_CODE, TRAIN_KEYS, Stage
 
 log = logging.getLogger("nst.train")
 
 
-def _meta(cfg: Config, name: str, role: str, classes: list[str], config_hash: str) -> dict:
+def _meta(cfg: Config, name: str, role: str, classes: list[str]) -> dict:
     tc = cfg.train_config(name)
     return {"model": tc.model, "num_classes": len(classes), "classes": classes, "generation": name, "role": role,
-            "config_hash": config_hash, "image_size": cfg.data.image_size, "mean": [0.5] * 3, "std": [0.5] * 3}
+            "image_size": cfg.data.image_size, "transform": cfg.data.transform, "crop_pct": cfg.data.crop_pct,
+            "mean": [0.5] * 3, "std": [0.5] * 3}
 
 
-def _train_hash(cfg: Config, name: str, *inputs: str) -> str:
-    """What a model depends on: its training config, the data config, the seed and its input files' content."""
-    import json
-
-    from nst.config import portable_dump
-    from nst.io import text_sha256
-
-    tc = cfg.train_config(name)
-    extra = cfg.generation(name).model_dump_json() if name != "g0" else ""
-    data = json.dumps(portable_dump(cfg)["data"], sort_keys=True)  # relative paths: the same hash in every clone
-    return text_sha256("|".join([tc.model_dump_json(), extra, data, str(cfg.seed), *inputs]))[:16]
+def _labeled(cfg: Config, noise):
+    tf = build_train_transform(cfg.data, noise)
+    ds, labels, _ = open_split(cfg.out_dir, cfg.root, "labeled", cfg.data, tf)
+    val = open_split(cfg.out_dir, cfg.root, "val", cfg.data)
+    return ds, labels, val
 
 
-def _labeled(cfg: Config, noise_ra: str | None):
-    tf = TrainTransform(cfg.data.image_size, cfg.data.hflip, noise_ra)
-    ds, labels, table = open_split(cfg.out_dir, cfg.root, "labeled", cfg.data.image_size, tf)
-    val = open_split(cfg.out_dir, cfg.root, "val", cfg.data.image_size)
-    return ds, labels, table, val
+class StreamRows:
+    """Index of the duplicated pseudo-label stream -> index into the balanced set (duplicates never materialised)."""
+
+    def __init__(self, cum_copies: np.ndarray):
+        self.cum = cum_copies
+
+    def __len__(self) -> int:
+        return int(self.cum[-1]) if len(self.cum) else 0
+
+    def __getitem__(self, i: int) -> int:
+        return int(np.searchsorted(self.cum, i, side="right"))
 
 
-def train_teacher(cfg: Config) -> dict:
+def _timing(cfg: Config, gen: str, **times: float) -> None:
+    """Wall-clock start/end of a training run, for the tracking run's times; bookkeeping, not an output."""
+    f = cfg.state_dir / "timing" / f"{gen}.json"
+    try:
+        from nst.io import read_json
+
+        old = read_json(f) if f.is_file() else {}
+        atomic_write_json(f, old | times)
+    except (OSError, ValueError):
+        pass
+
+
+def _fit(cfg: Config, gen: str, role: str, fingerprint: str, **kw) -> dict:
+    from nst.tracking import epoch_logger
+
+    tc = cfg.train_config(gen)
+    device = resolve_device(cfg.device)
+    dist, device = setup(device, cfg.distributed.backend)
     classes = read_classes(cfg.out_dir)
-    tc = cfg.teacher
-    ds, labels, _, val = _labeled(cfg, tc.noise.randaugment)
-    out = cfg.model_dir("g0")
-    labeled_hash = file_sha256(cfg.out_dir / "data" / "labeled.parquet")
-    h = _train_hash(cfg, "g0", labeled_hash)
-    write_effective_config(cfg, out, "train-teacher", {"generation": "g0"})
-    torch.manual_seed(cfg.seed)
-    model = build_model(tc.model, len(classes), tc.noise.dropout, tc.noise.drop_path)
-    meta = fit(model=model, cfg=tc, out_dir=out, labeled=ds, labels=labels, device=resolve_device(cfg.device),
-               seed=cfg.seed, meta=_meta(cfg, "g0", "teacher", classes, h),
-               val=val[0] if val else None, val_labels=val[1] if val else None, workers=cfg.data.num_workers)
-    return {"out_dir": str(out), "model": meta["model"], "params": meta["params"], "config_hash": h,
+    ds, labels, val = _labeled(cfg, tc.noise)
+    torch.manual_seed(cfg.seed + (0 if gen == "g0" else cfg.generation(gen).index))
+    field = "teacher" if gen == "g0" else f"generations[{cfg.gen_index(gen)}].student"
+    model = init_model(tc, len(classes), field)
+    init = kw.pop("init_from", None)
+    if init is not None:
+        teacher, _ = load_model(init)
+        model.load_state_dict(teacher.state_dict())
+    if dist.main:
+        _timing(cfg, gen, start=time.time())
+    meta = fit(model=model, cfg=tc, out_dir=cfg.model_dir(gen), labeled=ds, labels=labels, device=device,
+               seed=cfg.seed if gen == "g0" else cfg.seed + 1000 * cfg.generation(gen).index,
+               fingerprint=fingerprint, meta=_meta(cfg, gen, role, classes), val=val[0] if val else None,
+               val_labels=val[1] if val else None, workers=cfg.data.num_workers, dist=dist,
+               on_epoch=epoch_logger(cfg, gen) if dist.main else None, **kw)
+    if dist.main:
+        _timing(cfg, gen, end=time.time())
+    return {"model": meta["model"], "params": meta["params"], "best_epoch": meta["best_epoch"],
             "metrics": {"best_val_acc": meta["best_val_acc"]} if meta["best_val_acc"] is not None else {}}
 
 
-def pseudo_targets(path, num_classes: int, root) -> tuple[list[str], torch.Tensor]:
-    """Dense soft targets (N x C) from the balanced Parquet set's top-k classes and probabilities."""
-    t = pq.read_table(path, columns=["path", "classes", "probs"])
-    n = t.num_rows
-    dense = torch.zeros(n, num_classes)
-    cls = t.column("classes").combine_chunks()
-    prb = t.column("probs").combine_chunks()
-    offsets = cls.offsets.to_numpy()
-    rows = np.repeat(np.arange(n), np.diff(offsets))
-    dense[torch.from_numpy(rows), torch.from_numpy(cls.values.to_numpy().astype(np.int64))] = torch.from_numpy(
-        prb.values.to_numpy().astype(np.float32))
-    return resolve_paths(t.column("path").to_pylist(), root), dense
+def train_teacher(cfg: Config, gen: str = "g0", fingerprint: str = "") -> dict:
+    return _fit(cfg, "g0", "teacher", fingerprint)
 
 
-def train_student(cfg: Config, gen: str) -> dict:
-    g = cfg.generation(gen)
-    classes = read_classes(cfg.out_dir)
-    sc = g.student
-    ds, labels, _, val = _labeled(cfg, sc.noise.randaugment)
-    balanced = cfg.gen_dir(gen) / "balanced" / "balanced.parquet"
+def student_data(cfg: Config, gen: str, transform) -> tuple:
+    """The balanced pseudo-labels as (dataset over the duplicated stream, sparse targets)."""
+    from nst.labels import read_targets
+
+    balanced = cfg.balanced_dir(gen) / "balanced.parquet"
     if not balanced.is_file():
         raise FileNotFoundError(f"{balanced}: no balanced pseudo-labels; run `nst filter-balance {gen}` first")
-    upaths, targets = pseudo_targets(balanced, len(classes), cfg.root)
-    unl = ImageDataset(upaths, cfg.data.image_size, TrainTransform(cfg.data.image_size, cfg.data.hflip, sc.noise.randaugment))
-    out = cfg.model_dir(gen)
-    h = _train_hash(cfg, gen, file_sha256(balanced), file_sha256(cfg.out_dir / "data" / "labeled.parquet"))
-    write_effective_config(cfg, out, "train-student", {"generation": gen, "teacher": g.teacher})
-    torch.manual_seed(cfg.seed + g.index)
-    model = build_model(sc.model, len(classes), sc.noise.dropout, sc.noise.drop_path)
-    if g.init == "teacher":
-        teacher, tmeta = load_model(cfg.model_dir(g.teacher))
-        if tmeta["model"] != sc.model:
-            raise ValueError(f"generations.{gen}.init = 'teacher' needs the same architecture "
-                             f"(teacher {tmeta['model']!r}, student {sc.model!r})")
-        model.load_state_dict(teacher.state_dict())
-    meta = fit(model=model, cfg=sc, out_dir=out, labeled=ds, labels=labels, device=resolve_device(cfg.device),
-               seed=cfg.seed + 1000 * g.index, meta=_meta(cfg, gen, "student", classes, h) | {"teacher": g.teacher},
-               val=val[0] if val else None, val_labels=val[1] if val else None, unlabeled=unl, targets=targets,
-               hard_targets=cfg.pseudo_label.mode == "hard", ratio=g.ratio, workers=cfg.data.num_workers)
-    return {"out_dir": str(out), "model": meta["model"], "params": meta["params"], "config_hash": h,
-            "metrics": {"best_val_acc": meta["best_val_acc"]} if meta["best_val_acc"] is not None else {}}
+    t = read_targets(balanced)
+    if len(t) == 0:
+        raise StageError(f"{balanced}: no pseudo-labels to train on (filter.threshold = {cfg.filter.threshold} "
+                         "kept none); lower the threshold")
+    manifest = read_manifest(cfg.data_dir / "unlabeled.parquet")
+    paths = pa.array(resolve_paths(manifest.column("path").take(pa.array(t.rows)).to_pylist(), cfg.root), pa.string())
+    ds = dataset_for(cfg.data, paths, transform=transform, rows=StreamRows(t.cum_copies), cache=False)
+    return ds, SparseTargets(t.classes, t.probs, t.num_classes)
+
+
+def train_student(cfg: Config, gen: str, fingerprint: str = "") -> dict:
+    g = cfg.generation(gen)
+    unl, targets = student_data(cfg, gen, build_train_transform(cfg.data, g.student.noise))
+    return _fit(cfg, gen, "student", fingerprint, unlabeled=unl, targets=targets,
+                hard_targets=cfg.pseudo_label.mode == "hard", ratio=g.ratio,
+                init_from=cfg.model_dir(g.teacher) if g.init == "teacher" else None)
+
+
+
+
+def model_outs(cfg: Config, gen: str) -> list[Path]:
+    d = cfg.model_dir(gen)
+    return [d / WEIGHTS, d / "model.json", d / STATE, d / "config.json"]
+
+
+def _labeled_deps(cfg: Config) -> list[Path]:
+    d = cfg.data_dir
+    return [d / "labeled.parquet"] + ([d / "val.parquet"] if cfg.data.val else []) + [d / "classes.json"]
+
+
+def _pretrained(tc) -> list[Path]:
+    return [tc.pretrained_file] if tc.pretrained_file is not None else []
+
+
+TRAIN_TEACHER = Stage(
+    name="train-teacher", fn=train_teacher, model=True,
+    params=lambda c, g: TRAIN_KEYS + ["teacher"],
+    deps=lambda c, g: _labeled_deps(c) + _pretrained(c.teacher),
+    outs=model_outs,
+    plots=lambda c, g: [c.model_dir(g) / "history.json"],
+    code=MODEL_CODE + ("tasks/train.py",),
+)
+
+TRAIN_STUDENT = Stage(
+    name="train-student", fn=train_student, scope="student", model=True,
+    params=lambda c, g: TRAIN_KEYS + [f"generations.{c.gen_index(g)}", "pseudo_label.mode"],
+    deps=lambda c, g: [c.balanced_dir(g) / "balanced.parquet", c.data_dir / "unlabeled.parquet"] + _labeled_deps(c)
+    + ([c.model_dir(c.generation(g).teacher) / WEIGHTS] if c.generation(g).init == "teacher" else [])
+    + _pretrained(c.generation(g).student),
+    outs=model_outs,
+    plots=lambda c, g: [c.model_dir(g) / "history.json"],
+    code=MODEL_CODE + ("tasks/train.py",),
+)

@@ -88,7 +88,6 @@ device: cpu
 out_dir: outputs
 threads: 2
 data:
-  name: toy
   labeled: data/toy/labeled
   unlabeled: data/toy/unlabeled
   val: data/toy/val

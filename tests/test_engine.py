@@ -12,97 +12,74 @@ import pytest
 import torch
 import yaml
 
-import tasks
 from nst.config import ConfigError, NoiseConfig, load_config
 from nst.data import TrainTransform
-from tasks.filter_balance import balance
-from tasks.pseudo_label import soft_targets
+from tasks.evaluate import EVALUATE
+from tasks.label import LABEL, finish_labels, label, num_shards, soft_targets
+from tasks.prepare import PREPARE
+from tasks.spec import execute
+from tasks.train import TRAIN_TEACHER
 
 
-# ---- filter / balance: the paper's rule, exact ------------------------------------------------------------------
-
-def test_balance_threshold_cap_and_duplicate_exact():
-    # class 0: 5 images (conf .9 .8 .7 .6 .2) -> .2 dropped, 4 kept, capped to K=3 keeping the 3 most confident
-    # class 1: 2 images (conf .5 .35)          -> both kept, duplicated up to K=3 (one extra copy)
-    # class 2: 1 image  (conf .25)             -> dropped by the threshold, nothing left to duplicate
-    pred = np.array([0, 0, 0, 0, 0, 1, 1, 2])
-    conf = np.array([0.6, 0.9, 0.2, 0.8, 0.7, 0.35, 0.5, 0.25])
-    rows, stats = balance(pred, conf, num_classes=3, threshold=0.3, target=3, duplicate=True, seed=0)
-    picked = rows.tolist()
-    assert sorted(picked[:3]) == [1, 3, 4]  # the 3 most confident of class 0, not row 0 (0.6) nor row 2 (0.2)
-    assert sorted(picked[3:]) in ([5, 5, 6], [5, 6, 6])  # originals once + one seeded duplicate
-    assert stats["per_class"][0] == {"predicted": 5, "below_threshold": 1, "kept": 4, "capped": 1, "duplicated": 0,
-                                     "final": 3, "unique": 3}
-    assert stats["per_class"][1]["duplicated"] == 1 and stats["per_class"][1]["final"] == 3
-    assert stats["per_class"][2] == {"predicted": 1, "below_threshold": 1, "kept": 0, "capped": 0, "duplicated": 0,
-                                     "final": 0, "unique": 0}
-    assert stats["dropped"] == 2 and stats["kept"] == 6 and stats["final"] == 6
-
-
-def test_balance_duplication_is_seeded_and_can_be_switched_off():
-    pred = np.zeros(3, dtype=int)
-    conf = np.array([0.9, 0.8, 0.7])
-    a, _ = balance(pred, conf, 1, 0.3, 10, True, seed=1)
-    b, _ = balance(pred, conf, 1, 0.3, 10, True, seed=1)
-    assert a.tolist() == b.tolist() and len(a) == 10
-    assert sorted(np.bincount(a).tolist()) == [3, 3, 4]  # copy factor 10/3: each image 3x, one drawn a 4th time
-    c, st = balance(pred, conf, 1, 0.3, 10, False, seed=1)
-    assert sorted(c.tolist()) == [0, 1, 2] and st["duplicated"] == 0
-
-
-def test_balance_default_target_keeps_filtered_size():
-    pred = np.array([0] * 6 + [1] * 2)
-    conf = np.full(8, 0.9)
-    rows, stats = balance(pred, conf, 2, 0.3, None, True, seed=0)
-    assert stats["target_per_class"] == 4 and len(rows) == 8
+def _prepare_and_teacher(cfg):
+    execute(PREPARE, cfg)
+    execute(TRAIN_TEACHER, cfg, "g0")
 
 
 # ---- pseudo-labels ----------------------------------------------------------------------------------------------
 
 def test_soft_labels_renormalised_over_top_k_with_temperature():
     logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]])
-    pred, max_prob, entropy, classes, probs = soft_targets(logits, "soft", temperature=2.0, top_k=3)
+    pred, conf, classes, probs = soft_targets(logits, "soft", temperature=2.0, top_k=3)
     p_t = (logits / 2.0).softmax(1)[0]
     assert classes[0].tolist() == [0, 1, 2]
     expect = p_t[:3] / p_t[:3].sum()
     assert torch.allclose(probs[0], expect, atol=1e-6) and abs(probs[0].sum().item() - 1) < 1e-6
-    assert max_prob.item() == pytest.approx(logits.softmax(1).max().item())  # confidence is at T = 1
-    assert pred.item() == 0 and entropy.item() > 0
+    assert conf.item() == pytest.approx(logits.softmax(1).max().item())  # confidence is at T = 1
+    assert pred.item() == 0
 
 
 def test_hard_labels_are_the_argmax():
-    logits = torch.tensor([[0.0, 5.0, 1.0]])
-    pred, _, _, classes, probs = soft_targets(logits, "hard", 1.0, 3)
+    pred, _, classes, probs = soft_targets(torch.tensor([[0.0, 5.0, 1.0]]), "hard", 1.0, 3)
     assert classes.tolist() == [[1]] and probs.tolist() == [[1.0]] and pred.item() == 1
 
 
-# ---- noise: teacher clean, student noised -----------------------------------------------------------------------
-
 def test_teacher_is_unnoised_two_labelling_passes_identical(tiny_project):
     cfg = load_config(tiny_project)
-    tasks.prepare(cfg)
-    tasks.train_teacher(cfg)
-    first = tasks.pseudo_label(cfg, "g1")["shards"]
-    blobs = [Path(p).read_bytes() for p in first]
-    shutil.rmtree(cfg.gen_dir("g1") / "pseudo")
-    second = tasks.pseudo_label(cfg, "g1")["shards"]
-    assert [Path(p).read_bytes() for p in second] == blobs
-    t = pq.read_table(second[0])
-    assert t.schema.names == ["image_id", "path", "pred", "max_prob", "entropy", "classes", "probs", "true_label",
-                              "teacher"]
-    assert set(t.column("teacher").to_pylist()) == {"g0"}
+    _prepare_and_teacher(cfg)
+    label(cfg, "g0")
+    ldir = cfg.labels_dir("g0")
+    shards = sorted(ldir.glob("shard-*.parquet"))
+    blobs = [p.read_bytes() for p in shards]
+    shutil.rmtree(ldir)
+    label(cfg, "g0")
+    assert [p.read_bytes() for p in sorted(ldir.glob("shard-*.parquet"))] == blobs
+    t = pq.read_table(shards[0])
+    assert t.schema.names == ["row", "pred", "conf", "classes", "probs"]  # compact: no paths, no string ids
+    assert str(t.schema.field("conf").type) == "halffloat" and t.column("row").to_pylist()[:2] == [0, 1]
+    stats = json.loads((ldir / "stats.json").read_text())
+    assert stats["total"] == 120 and stats["labeler"] == "g0" and "pseudo_label_acc_all" in stats
 
-    # A new shard size relabels; the finishing step leaves exactly the new shards (what DVC tracks) and the config.
+    # A new shard size relabels; the finishing step leaves exactly the new shards (what DVC tracks).
     cfg2 = load_config(tiny_project, [f"pseudo_label.shard_size={2 * cfg.pseudo_label.shard_size}"])
-    assert tasks.num_shards(cfg2) != len(first)
-    third = tasks.pseudo_label(cfg2, "g1")["shards"]
-    pdir = cfg.gen_dir("g1") / "pseudo"
-    assert sorted(p.name for p in pdir.glob("shard-*.parquet")) == sorted(Path(p).name for p in third)
-    assert json.loads((pdir / "config.json").read_text())["config"]["pseudo_label"]["shard_size"] == \
-        cfg2.pseudo_label.shard_size
-    Path(third[-1]).unlink()
-    with pytest.raises(FileNotFoundError, match=Path(third[-1]).name):
-        tasks.finish_pseudo_label(cfg2, "g1")
+    assert num_shards(cfg2) != len(shards)
+    label(cfg2, "g0")
+    assert sorted(p.name for p in ldir.glob("shard-*.parquet")) == [f"shard-0000{i}-of-00002.parquet" for i in (0, 1)]
+    (ldir / "shard-00001-of-00002.parquet").unlink()
+    with pytest.raises(Exception, match="shard-00001-of-00002.parquet"):
+        finish_labels(cfg2, "g0")
+
+
+def test_a_truncated_shard_is_named_and_labelled_again(tiny_project, caplog):
+    cfg = load_config(tiny_project)
+    _prepare_and_teacher(cfg)
+    label(cfg, "g0")
+    victim = cfg.labels_dir("g0") / "shard-00001-of-00003.parquet"
+    good = victim.read_bytes()
+    victim.write_bytes(good[: len(good) // 2])
+    result = label(cfg, "g0")
+    assert result["shards_computed"] == 1 and victim.read_bytes() == good
+    assert any(victim.name in r.getMessage() and "unreadable" in r.getMessage() for r in caplog.records)
 
 
 def test_student_is_noised_in_train_mode_and_deterministic_in_eval():
@@ -122,13 +99,34 @@ def test_randaugment_magnitude_reaches_configured_m():
     assert noise.randaugment == "rand-m27-n2-mmax27"
     ra = TrainTransform(32, False, noise.randaugment).randaugment
     assert ra.num_layers == 2
-    effective = {min(op.magnitude, op.magnitude_max or 10) for op in ra.ops}
-    assert effective == {27}
+    assert {min(op.magnitude, op.magnitude_max or 10) for op in ra.ops} == {27}
     rotate = next(op for op in ra.ops if op.name == "Rotate")
     assert abs(rotate.level_fn(27, rotate.hparams)[0]) == pytest.approx(81.0)  # 27/10 * 30 degrees
     # and the trap it avoids: without mmax, timm silently clips M to 10
     plain = TrainTransform(32, False, "rand-m27-n2").randaugment
     assert {min(op.magnitude, op.magnitude_max or 10) for op in plain.ops} == {10}
+
+
+def test_augmentation_is_per_sample_seeded_and_leaves_global_rngs_alone():
+    """The same (index, seed) gives the same augmented image whatever else drew from the global RNGs; and the
+    dataset restores those RNGs, so dropout in the training process never depends on data loading."""
+    import random
+
+    from nst.data import ImageDataset
+
+    imgs = torch.randint(0, 255, (4, 3, 16, 16), dtype=torch.uint8)
+
+    class Mem(ImageDataset):
+        def _load(self, row):
+            return imgs[row]
+
+    ds = Mem(["a", "b", "c", "d"], 16, transform=TrainTransform(16, True, "rand-m9-n2-mmax10"))
+    a = ds[(2, 12345)][0]
+    random.random(), np.random.rand(), torch.rand(1)  # another thread's draws
+    state = (random.getstate(), torch.get_rng_state())
+    b = ds[(2, 12345)][0]
+    assert torch.equal(a, b) and not torch.equal(a, ds[(2, 54321)][0])
+    assert random.getstate() == state[0] and torch.equal(torch.get_rng_state(), state[1])
 
 
 # ---- config validation ------------------------------------------------------------------------------------------
@@ -168,11 +166,14 @@ def test_student_smaller_than_teacher_is_an_error_unless_allowed(tmp_path):
     (lambda d: d["teacher"].update(optimizer="lion"), "teacher.optimizer = 'lion'"),
     (lambda d: d["pseudo_label"].update(mode="fuzzy"), "pseudo_label.mode = 'fuzzy'"),
     (lambda d: d["data"].update(colour="yes"), "data.colour: unknown key"),
-    (lambda d: d["data"].pop("labeled"), "data.labeled: required field is missing"),
+    (lambda d: d["data"].update(builtin=None), "data.labeled is required"),
+    (lambda d: d["data"].update(labeled="mine/labeled"), "data.labeled is set together with data.builtin = 'toy'"),
+    (lambda d: d["data"].update(builtin="cifar"), "data.builtin = 'cifar'"),
     (lambda d: d["generations"][1].update(teacher="g0"), "generations[1].teacher = 'g0' must be the previous generation 'g1'"),
     (lambda d: d["generations"][0].update(name="first"), "generations.0.name = 'first'"),
     (lambda d: d["teacher"].update(model="resnet_nonexistent"), "teacher.model = 'resnet_nonexistent': unknown model"),
     (lambda d: d["generations"][0].update(ratio=0), "generations.0.ratio = 0"),
+    (lambda d: d.update(robustness={"enabled": True, "severities": [9]}), "robustness.severities"),
 ])
 def test_invalid_config_gives_one_line_naming_field_and_value(tmp_path, mutate, expect):
     with pytest.raises(ConfigError) as e:
@@ -194,22 +195,28 @@ def test_bad_yaml_and_bad_override_are_one_line(tmp_path):
 
 
 def test_cli_reports_config_error_in_one_line_before_any_compute(tmp_path, capsys):
-    from nst.cli import main
+    from cli.main import main
 
     p = _write(tmp_path, lambda d: d["filter"].update(threshold=2))
     assert main(["run", "-p", str(p)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "filter.threshold = 2" in err
-    assert not (tmp_path / "outputs").exists()
+    assert not (tmp_path / "outputs").exists() and not (tmp_path / "data").exists()
 
 
 def test_a_second_run_on_one_out_dir_is_refused_at_once(tiny_project, capsys):
-    from nst.cli import main
+    from cli.main import main
     from nst.io import run_lock
 
     cfg = load_config(tiny_project)
     with run_lock(cfg.out_dir):  # another run holds it (flock: a second open() conflicts even in one process)
-        assert main(["run", "--no-prefect", "-p", str(tiny_project)]) == 2
+        import os
+
+        token = os.environ.pop("NST_RUN_TOKEN")  # ... as another process would: without this run's token
+        try:
+            assert main(["run", "--no-prefect", "-p", str(tiny_project)]) == 2
+        finally:
+            os.environ["NST_RUN_TOKEN"] = token
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and f"another pipeline run is writing {cfg.out_dir}" in err
     assert not (cfg.out_dir / "data").exists()  # refused before any stage ran
@@ -238,46 +245,49 @@ def test_two_processes_asking_for_one_dataset_both_get_it_whole(tmp_path):
     assert [p.exitcode for p in procs] == [0, 0]
     assert json.loads((tmp_path / "toy" / "dataset.json").read_text())["unlabeled_per_class"] == 30
     assert len(list((tmp_path / "toy" / "unlabeled").glob("*.png"))) == 300
-    assert not (tmp_path / "toy.partial").exists()
+    assert not (tmp_path / ".toy.partial").exists()
 
 
 def test_unreadable_images_are_skipped_and_listed_up_to_a_fraction(tiny_project):
+    from nst.errors import DataError
+
     root = tiny_project.parent
-    bad = root / "data" / "toy" / "unlabeled" / "zzz_broken.png"
-    bad.write_bytes(b"not a png")
+    (root / "data" / "toy" / "unlabeled" / "zzz_broken.png").write_bytes(b"not a png")
     cfg = load_config(tiny_project, ["data.max_bad_fraction=0.05"])
-    res = tasks.prepare(cfg)
-    listed = json.loads((cfg.out_dir / "data" / "bad_images.json").read_text())["unlabeled"]
+    res = execute(PREPARE, cfg)
+    listed = json.loads((cfg.data_dir / "bad_images.json").read_text())["unlabeled"]
     assert [Path(b["path"]).name for b in listed] == ["zzz_broken.png"]
     assert res["metrics"]["n_unlabeled"] == 120 and res["metrics"]["n_bad"] == 1
-    from nst.data import DataError
-
-    with pytest.raises(DataError, match=r"unlabeled: 1 of 121 images unreadable"):
-        tasks.prepare(load_config(tiny_project, ["data.max_bad_fraction=0.001"]))
+    with pytest.raises(DataError, match=r"1 of 121 images unreadable"):
+        execute(PREPARE, load_config(tiny_project, ["data.max_bad_fraction=0.001"]))
 
 
-def test_csv_manifest_source_with_relative_paths(tiny_project):
+def test_csv_manifest_source_with_relative_paths_and_content_digests(tiny_project):
     root = tiny_project.parent
     rows = ["path,label"] + [f"toy/labeled/{p.parent.name}/{p.name},{p.parent.name}"
                              for p in sorted((root / "data" / "toy" / "labeled").rglob("*.png"))]
     (root / "data" / "labeled.csv").write_text("\n".join(rows) + "\n")
     cfg = load_config(tiny_project, ["data.labeled=data/labeled.csv"])
-    res = tasks.prepare(cfg)
+    res = execute(PREPARE, cfg)
     assert res["metrics"]["n_labeled"] == 40 and len(res["classes"]) == 10
-    t = pq.read_table(cfg.out_dir / "data" / "labeled.parquet")
+    t = pq.read_table(cfg.data_dir / "labeled.parquet")
     assert t.column("path").to_pylist()[0].startswith("data/toy/labeled/")  # stored relative: portable outputs
+    import hashlib
+
+    first = root / t.column("path")[0].as_py()
+    assert t.column("digest")[0].as_py() == bytes.fromhex(hashlib.sha256(first.read_bytes()).hexdigest()[:32])
 
 
 # ---- training resume --------------------------------------------------------------------------------------------
 
 def test_training_resumes_after_a_crash_to_the_same_weights(tiny_project):
     """A crash after epoch 1 and a re-run give the same model as one uninterrupted run (per-epoch seeding)."""
+    import tasks.train as tt
     from nst.checkpoint import WEIGHTS
-    from nst import train as train_mod
 
     cfg = load_config(tiny_project, ["teacher.epochs=3"])
-    tasks.prepare(cfg)
-    real_fit = train_mod.fit
+    execute(PREPARE, cfg)
+    real_fit = tt.fit
 
     class Crash(Exception):
         pass
@@ -286,27 +296,37 @@ def test_training_resumes_after_a_crash_to_the_same_weights(tiny_project):
         def on_epoch(row):
             if row["epoch"] == 1:
                 raise Crash()
-        return real_fit(**kw, on_epoch=on_epoch)
-
-    import tasks.train as tt
+        return real_fit(**(kw | {"on_epoch": on_epoch}))
 
     tt.fit = crashing_fit
     try:
         with pytest.raises(Crash):
-            tasks.train_teacher(cfg)
+            execute(TRAIN_TEACHER, cfg, "g0")
     finally:
         tt.fit = real_fit
     mdir = cfg.model_dir("g0")
-    assert (mdir / "train_state.pt").is_file() and not (mdir / WEIGHTS).exists()
-    tasks.train_teacher(cfg)  # resumes at epoch 2
-    hist = json.loads((mdir / "history.json").read_text())
-    assert [h["epoch"] for h in hist] == [1, 2, 3]
+    assert (mdir / "train_state.pt").is_file() and not (mdir / WEIGHTS).exists() and not (mdir / "config.json").exists()
+    execute(TRAIN_TEACHER, cfg, "g0")  # resumes at epoch 2
+    assert [h["epoch"] for h in json.loads((mdir / "history.json").read_text())] == [1, 2, 3]
     resumed = (mdir / WEIGHTS).read_bytes()
 
     fresh = load_config(tiny_project, ["teacher.epochs=3", "out_dir=outputs-fresh"])
-    tasks.prepare(fresh)
-    tasks.train_teacher(fresh)
+    execute(PREPARE, fresh)
+    execute(TRAIN_TEACHER, fresh, "g0")
     assert (fresh.model_dir("g0") / WEIGHTS).read_bytes() == resumed
+
+
+def test_a_changed_val_split_retrains(tiny_project):
+    """What a stage depends on comes from its one declaration: fit has no skip check of its own that could forget
+    the val split (it did once), so a changed val.parquet re-runs the teacher."""
+    cfg = load_config(tiny_project)
+    _prepare_and_teacher(cfg)
+    assert execute(TRAIN_TEACHER, cfg, "g0").get("skipped")
+    val = sorted((tiny_project.parent / "data/toy/val").rglob("*.png"))[0]
+    val.unlink()
+    execute(PREPARE, cfg)
+    assert not execute(TRAIN_TEACHER, cfg, "g0").get("skipped")
+    assert execute(EVALUATE, cfg, "g0")["metrics"]["test/top1"] >= 0
 
 
 # ---- end to end ---------------------------------------------------------------------------------------------------
@@ -316,32 +336,25 @@ def test_end_to_end_toy_teacher_and_two_generations(tmp_path):
     """The real toy set (20 labels/class) with the shipped params.yaml (the README's main job, ~2 min on 2 cores):
     files, schemas, and the paper's claim in miniature: the best noised student is at least as accurate as its
     teacher."""
-    from nst.cli import ensure_builtin_data
-    from nst.pipeline import run_direct
+    from tasks.pipeline import run_direct
 
     repo = Path(__file__).parents[1]
     shutil.copy(repo / "params.yaml", tmp_path / "params.yaml")
     cfg = load_config(tmp_path / "params.yaml", ["tracking.enabled=false", "threads=2"])
-    ensure_builtin_data(cfg)
-    rows = run_direct(cfg)
-    out = cfg.out_dir
+    rows = run_direct(cfg, str(tmp_path / "params.yaml"))
     for gen in ("g0", "g1", "g2"):
-        mdir = cfg.model_dir(gen)
-        meta = json.loads((mdir / "model.json").read_text())
+        meta = json.loads((cfg.model_dir(gen) / "model.json").read_text())
         assert meta["generation"] == gen and meta["num_classes"] == 10 and len(meta["classes"]) == 10
-        assert (mdir / "model.safetensors").is_file() and (mdir / "config.json").is_file()
-        m = json.loads((out / gen / "eval" / "metrics.json").read_text())
-        assert {"test/top1", "test/top5", "test/ece", "test/nll"} <= set(m)
+        assert json.loads((cfg.model_dir(gen) / "config.json").read_text())["stage"].startswith("train-")
+        assert {"test/top1", "test/top5", "test/ece", "test/nll"} <= set(
+            json.loads((cfg.eval_dir(gen) / "metrics.json").read_text()))
+        assert len(list(cfg.labels_dir(gen).glob("shard-*.parquet"))) == 3  # every model labels once, the last too
     for gen in ("g1", "g2"):
-        shards = sorted((out / gen / "pseudo").glob("shard-*.parquet"))
-        assert len(shards) == 3
-        bal = pq.read_table(out / gen / "balanced" / "balanced.parquet")
-        assert bal.schema.names == pq.read_schema(shards[0]).names
-        stats = json.loads((out / gen / "balanced" / "stats.json").read_text())
-        assert stats["final"] == bal.num_rows and set(stats["per_class"]) == set(meta["classes"])
+        bal = pq.read_table(cfg.balanced_dir(gen) / "balanced.parquet")
+        stats = json.loads((cfg.balanced_dir(gen) / "stats.json").read_text())
+        assert stats["final"] == int(np.sum(bal.column("copies").to_numpy())) and len(stats["per_class"]) == 10
     assert [r["generation"] for r in rows] == ["g0", "g1", "g2"]
-    teacher = rows[0]["test_top1"]
-    best_student = max(r["test_top1"] for r in rows[1:])
+    teacher, best_student = rows[0]["test_top1"], max(r["test_top1"] for r in rows[1:])
     print("toy e2e:", [(r["generation"], round(r["test_top1"], 3)) for r in rows])
     assert teacher < 0.9, "toy should leave the teacher clearly imperfect"
     assert best_student >= teacher

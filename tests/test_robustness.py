@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from nst.config import RobustnessConfig
-from tasks import robustness as R
+from nst import robustness as R
 
 torch.set_num_threads(2)
 

@@ -1,0 +1,66 @@
+"""Data parallelism only through torchrun's environment (nanoGPT-style): RANK/WORLD_SIZE/LOCAL_RANK set means
+we are one of N processes; rank 0 alone writes files and logs to MLflow."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def all_sum(self, values: list[float], device: torch.device) -> list[float]:
+        if not self.enabled:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+
+def under_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def setup(device: torch.device, backend: str = "auto") -> tuple[Dist, torch.device]:
+    """Join the process group torchrun set up (no-op for a single process); on CUDA each rank takes its local
+    GPU. Returns (Dist, the device this rank uses)."""
+    if not under_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
+        return Dist(), device
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+    if device.type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend=("nccl" if device.type == "cuda" else "gloo") if backend == "auto" else backend)
+    return Dist(rank, world, local), device
+
+
+def teardown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def nproc(setting: int | str) -> int:
+    """`distributed.nproc_per_node`: auto = the visible GPUs (1 without CUDA)."""
+    if setting == "auto":
+        return max(1, torch.cuda.device_count()) if torch.cuda.is_available() else 1
+    return int(setting)

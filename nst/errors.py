@@ -1,0 +1,46 @@
+"""The user-facing error types. The CLI turns each into one `error:` line and exit code 2; anything else is an
+internal error (exit 1, traceback behind `--debug`). Messages name the culprit (file, field, value)."""
+
+from __future__ import annotations
+
+import errno
+
+MAX_QUOTE = 200  # characters of a bad value quoted in a message
+
+
+class NstError(Exception):
+    """An expected failure, already phrased for the user in one line."""
+
+
+class ConfigError(NstError, ValueError):
+    """A config problem (one line per problem)."""
+
+
+class DataError(NstError, ValueError):
+    """Bad input data: names the file and the problem."""
+
+
+class Busy(NstError, RuntimeError):
+    """Another process holds the lock."""
+
+
+class StageError(NstError, RuntimeError):
+    """A stage cannot run or failed in a way the user can fix (names the stage and the file)."""
+
+
+def quote(value: object, limit: int = MAX_QUOTE) -> str:
+    """repr() of a bad value, cut to `limit` characters, so a huge value never floods a message."""
+    r = repr(value)
+    return r if len(r) <= limit else r[: limit - 3] + "..."
+
+
+# OS errors a user can fix (disk full, read-only or missing folder, permissions): one line, exit 2.
+USER_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOENT, errno.ENOTDIR, errno.EISDIR,
+               errno.EEXIST, errno.EDQUOT, errno.ENAMETOOLONG}
+
+
+def os_error_line(e: OSError) -> str:
+    where = e.filename if e.filename is not None else ""
+    what = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded",
+            errno.EROFS: "read-only file system"}.get(e.errno, e.strerror or str(e))
+    return f"{where}: {what}" if where else what

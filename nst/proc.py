@@ -1,0 +1,92 @@
+"""Run a stage command as a child process: stream its output lines to a callback, die with the parent.
+
+The orchestrator (a Prefect task thread, or `nst run`) starts `nst <stage> ...` (or `torchrun ... -m cli ...`) as a
+child, so nothing of the orchestrator's threads leaks into training. If the orchestrator is killed (even
+`kill -9`), the kernel signals the child (PR_SET_PDEATHSIG, set by `python -m nst.proc` just before it execs the
+command, and kept across exec), so a killed flow never leaves a training process running.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+
+PR_SET_PDEATHSIG = 1
+PARENT_ENV = "NST_PARENT_PID"
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """Ask the kernel to send `sig` when our parent dies (Linux); exit at once if it is already gone."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: best effort only
+        return
+    parent = os.environ.get(PARENT_ENV)
+    if parent and os.getppid() != int(parent):
+        os._exit(1)
+
+
+class ChildFailed(RuntimeError):
+    """A child command exited non-zero; the message is its last error line."""
+
+    def __init__(self, argv: Sequence[str], returncode: int, last_error: str):
+        self.argv, self.returncode, self.last_error = list(argv), returncode, last_error
+        super().__init__(last_error or f"exited with code {returncode}")
+
+
+def _last_error(lines: Sequence[str]) -> str:
+    for line in reversed(lines):
+        s = line.strip()
+        if s.startswith("error:") or s.startswith("internal error:"):
+            return s
+    for line in reversed(lines):
+        if line.strip():
+            return line.strip()
+    return ""
+
+
+def run_child(argv: Sequence[str], *, on_line: Callable[[str], None], env: dict[str, str] | None = None,
+              cwd: str | os.PathLike | None = None) -> None:
+    """Run `argv` to completion, calling `on_line` for every line of its stdout+stderr; raise ChildFailed (with
+    the child's last `error:` line) when it exits non-zero. The child gets PR_SET_PDEATHSIG through a tiny
+    `python -m nst.proc` trampoline, and is terminated if this call is interrupted."""
+    full_env = dict(os.environ if env is None else env)
+    full_env[PARENT_ENV] = str(os.getpid())
+    full_env.setdefault("PYTHONUNBUFFERED", "1")
+    cmd = [sys.executable, "-m", "nst.proc", *argv]
+    tail: collections.deque[str] = collections.deque(maxlen=50)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            env=full_env, cwd=cwd, text=True, errors="replace", bufsize=1)
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            line = line.rstrip("\n")
+            tail.append(line)
+            on_line(line)
+        rc = proc.wait()
+    except BaseException:
+        _stop(proc)
+        raise
+    if rc != 0:
+        raise ChildFailed(argv, rc, _last_error(list(tail)))
+
+
+def _stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+if __name__ == "__main__":  # the trampoline: python -m nst.proc CMD ARGS...
+    die_with_parent()
+    os.execvp(sys.argv[1], sys.argv[1:])

@@ -1,0 +1,218 @@
+"""The stage contract: each stage is declared ONCE (`Stage`), and everything else is derived from that declaration.
+
+A declaration names the stage's function, the config keys it reads (dotted, as DVC spells params), the files it
+reads and writes, and the source code it runs. From it come:
+
+* the stage's fingerprint: sha256 over those config values, the CONTENT of those input files and that code;
+* its up-to-date check: the stamp (`config.json`, written last, next to its outputs) holds the fingerprint;
+  equal fingerprint + every output present = nothing to do (`execute`);
+* the Prefect task's cache key and "outputs exist" check (flows/), the same fingerprint;
+* its `dvc.yaml` entry (`dvc_stage`): `cmd` = the stage command, `deps` = inputs + code, `params`, `outs`.
+
+So a changed val split, a changed teacher or an edited training loop re-runs exactly the stages that read them,
+in the flow, under `dvc repro` and with `nst run --no-prefect` alike.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nst.config import Config, portable_dump, value_at
+from nst.io import atomic_write_json, content_digest, read_json
+
+log = logging.getLogger("nst.stage")
+
+REPO = Path(__file__).resolve().parents[1]
+STAMP = "config.json"
+
+# Vocabulary of the declarations (tasks/*.py): config key groups and the source every model stage runs.
+CORE = ("nst/config.py", "nst/errors.py", "nst/io.py", "nst/secrets.py")
+MODEL_CODE = CORE + ("models", "nst/checkpoint.py", "nst/data.py", "nst/distributed.py", "nst/labels.py",
+                     "nst/train.py")
+# Imported by stages but without effect on what they write (progress display, live tracking, this module):
+# left out of the code versions, so editing them re-runs nothing. tests/test_contract.py checks the rest.
+NO_EFFECT = ("nst/progress.py", "nst/tracking.py", "nst/proc.py", "nst/validate.py", "tasks/spec.py",
+             "tasks/__init__.py")
+EVAL_KEYS = ["data.image_size", "data.transform", "data.crop_pct"]
+TRAIN_KEYS = ["seed", "data.image_size", "data.transform", "data.rrc_scale", "data.hflip", "data.crop_pct"]
+
+Paths = Callable[[Config, str], list[Path]]
+Keys = Callable[[Config, str], list[str]]
+
+
+def _none(cfg: Config, gen: str) -> list:
+    return []
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage, declared once. `gen` is "" for project-wide stages, else the model generation (g0, g1, ...)."""
+
+    name: str                                   # CLI subcommand, DVC stage name prefix, Prefect task name
+    fn: Callable[..., dict]                     # the stage's logic: fn(cfg, gen) -> JSON-able result
+    params: Keys                                # config keys it reads (dotted; `generations.<i>` for its own item)
+    deps: Paths                                 # files/folders it reads
+    outs: Paths                                 # files/folders it writes (the stamp included)
+    code: tuple[str, ...]                       # source it runs (paths relative to the repository)
+    scope: str = "model"                        # "project" (no generation) | "model" (g0...) | "student" (g1...)
+    model: bool = False                         # runs a model: its own process in the flow, tag `gpu`
+    metrics: Paths = _none                      # DVC metrics (not cached, committed to git)
+    plots: Paths = _none                        # DVC plots
+    stamp: Callable[[Config, str], Path] | None = None  # default: <folder of the first output>/config.json
+    exclude_from_shards: tuple[str, ...] = field(default=())  # params that do not change per-shard work
+
+    def stamp_path(self, cfg: Config, gen: str) -> Path:
+        if self.stamp is not None:
+            return self.stamp(cfg, gen)
+        first = self.outs(cfg, gen)[0]
+        return (first if first.suffix == "" else first.parent) / STAMP
+
+    def task_name(self, gen: str) -> str:
+        return f"{gen}/{self.name}" if gen else self.name
+
+    def _gen_arg(self, gen: str) -> list[str]:
+        return [gen] if gen and self.name != "train-teacher" else []  # train-teacher is always g0
+
+    def dvc_name(self, gen: str) -> str:
+        return "-".join([self.name, *self._gen_arg(gen)])
+
+    def argv(self, gen: str) -> list[str]:
+        """The stage command's arguments after `nst` (what dvc.yaml runs and the flow launches)."""
+        return [self.name, *self._gen_arg(gen)]
+
+
+# ---- fingerprints ---------------------------------------------------------------------------------------------
+
+@functools.cache
+def code_version(code: tuple[str, ...]) -> str:
+    """sha256 over the declared source files (folders: every .py file in them), computed once per process and
+    never by parsing source: the declaration says what a stage runs, a test checks it against its imports."""
+    h = hashlib.sha256()
+    for rel in code:
+        p = REPO / rel
+        files = sorted(p.rglob("*.py")) if p.is_dir() else [p]
+        for f in files:
+            if "__pycache__" in f.parts:
+                continue
+            h.update(f.relative_to(REPO).as_posix().encode() + b"\0" + content_digest(f).encode() + b"\n")
+    return h.hexdigest()
+
+
+def path_digest(path: Path, cfg: Config) -> str:
+    """Content digest of an input: a file's bytes, or a folder's (relative path, bytes) list; visible files only.
+    Large image folders go through the scan's persistent cache, so unchanged files are not read again."""
+    if path.is_file():
+        return content_digest(path)
+    if not path.is_dir():
+        return "missing"
+    from nst.scan import HashCache, tree_digest
+
+    with HashCache.for_out_dir(cfg.out_dir) as cache:
+        return tree_digest(path, cache)
+
+
+def fingerprint(stage: Stage, cfg: Config, gen: str, *, exclude: tuple[str, ...] = ()) -> str:
+    h = hashlib.sha256(f"{stage.name}\0{gen}\n".encode())
+    dump = portable_dump(cfg)
+    for key in stage.params(cfg, gen):
+        if key.startswith(exclude) and exclude:
+            continue
+        h.update(f"{key}={json.dumps(value_at(dump, key), sort_keys=True)}\n".encode())
+    for p in stage.deps(cfg, gen):
+        h.update(f"{cfg.rel(p)}:{path_digest(p, cfg)}\n".encode())
+    h.update(code_version(stage.code).encode())
+    return h.hexdigest()[:32]
+
+
+def read_stamp(stage: Stage, cfg: Config, gen: str) -> dict | None:
+    p = stage.stamp_path(cfg, gen)
+    if not p.is_file():
+        return None
+    try:
+        d = read_json(p)
+    except ValueError:
+        return None
+    return d if isinstance(d, dict) else None
+
+
+def outputs_exist(stage: Stage, cfg: Config, gen: str) -> bool:
+    return all(p.exists() for p in stage.outs(cfg, gen) + stage.metrics(cfg, gen) + stage.plots(cfg, gen))
+
+
+def up_to_date(stage: Stage, cfg: Config, gen: str, fp: str | None = None) -> bool:
+    st = read_stamp(stage, cfg, gen)
+    if st is None or not outputs_exist(stage, cfg, gen):
+        return False
+    return st.get("fingerprint") == (fp or fingerprint(stage, cfg, gen))
+
+
+def write_stamp(stage: Stage, cfg: Config, gen: str, fp: str, result: dict | None = None) -> Path:
+    """The effective config next to the outputs (timm-style) and the completion marker: written last."""
+    from nst.config import config_hash
+
+    dump = portable_dump(cfg)
+    body = {"stage": stage.name, "generation": gen or None, "fingerprint": fp, "config_hash": config_hash(cfg),
+            "params": {k: value_at(dump, k) for k in stage.params(cfg, gen)}, "config": dump,
+            "result": result or {}}
+    return atomic_write_json(stage.stamp_path(cfg, gen), body)
+
+
+def execute(stage: Stage, cfg: Config, gen: str = "", **kwargs) -> dict:
+    """Run a stage unless its outputs are up to date for its fingerprint; stamp it when done."""
+    fp = fingerprint(stage, cfg, gen)
+    if up_to_date(stage, cfg, gen, fp):
+        log.info("%s: up to date, skipping", stage.task_name(gen))
+        return read_stamp(stage, cfg, gen).get("result", {}) | {"skipped": True}
+    result = stage.fn(cfg, gen, fingerprint=fp, **kwargs) or {}
+    if is_main_process():
+        write_stamp(stage, cfg, gen, fp, result)
+    return result
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+# ---- dvc.yaml ---------------------------------------------------------------------------------------------------
+
+def _dvc_params(keys: list[str], raw: dict) -> list[str]:
+    """DVC can only track keys that params.yaml spells out: a key left to its default is tracked through its
+    nearest spelled-out parent (coarser, never wrong); one with no spelled-out parent is the code's default."""
+    out: list[str] = []
+    for key in keys:
+        parts = key.split(".")
+        while parts:
+            try:
+                value_at(raw, ".".join(parts))
+                break
+            except (KeyError, IndexError, TypeError, ValueError):
+                parts.pop()
+        k = ".".join(parts)
+        if k and k not in out and not any(k.startswith(o + ".") for o in out):
+            out = [o for o in out if not o.startswith(k + ".")] + [k]
+    return out
+
+
+def dvc_stage(stage: Stage, cfg: Config, gen: str, raw_params: dict) -> dict[str, Any]:
+    rel = cfg.rel
+    entry: dict[str, Any] = {"cmd": "nst " + " ".join(stage.argv(gen))}
+    deps = [rel(p) for p in stage.deps(cfg, gen)] + list(stage.code)
+    entry["deps"] = deps
+    params = _dvc_params(stage.params(cfg, gen), raw_params)
+    if params:
+        entry["params"] = params
+    entry["outs"] = [rel(p) for p in stage.outs(cfg, gen)]
+    if metrics := stage.metrics(cfg, gen):
+        entry["metrics"] = [{rel(p): {"cache": False}} for p in metrics]
+    if plots := stage.plots(cfg, gen):
+        entry["plots"] = [rel(p) for p in plots]
+    return entry
+
