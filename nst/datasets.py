@@ -95,6 +95,15 @@ def _ours(folder: Path) -> bool:
     return (folder / MARKER).is_file()
 
 
+def _lock_file(out: Path) -> Path:
+    """Outside the user's folders: a lock per dataset path in the machine's temp dir."""
+    import hashlib
+    import tempfile
+
+    key = hashlib.sha1(str(out.resolve()).encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / "nst-locks" / f"dataset-{key}.lock"
+
+
 def _build(out: Path, spec: dict, force: bool, write: Callable[[Path], None]) -> Path:
     """Build a dataset folder once. `write` fills a temp folder that is swapped into place whole, so a crash never
     leaves half a dataset; a lock makes two processes asking at once (a flow and a `dvc repro`) build it once.
@@ -106,7 +115,7 @@ def _build(out: Path, spec: dict, force: bool, write: Callable[[Path], None]) ->
                         "move it away or generate the built-in set elsewhere")
     if _up_to_date(out, spec) and not force:
         return out
-    with file_lock(out.with_name(f".{out.name}.lock")):
+    with file_lock(_lock_file(out)):
         if _up_to_date(out, spec) and not force:
             return out
         tmp = out.with_name(f".{out.name}.partial")

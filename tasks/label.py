@@ -147,12 +147,15 @@ def finish_labels(cfg: Config, gen: str) -> dict:
 
 
 def label(cfg: Config, gen: str, fingerprint: str = "", shards: list[int] | None = None) -> dict:
-    """All (or the given) shards, then the finishing step when all were asked for."""
+    """All (or the given) shards, then the finishing step when all were asked for. The result describes what was
+    made, never how (which shards this call computed goes to the log): it is stamped, and must not differ between
+    a flow that mapped the shards and one `nst label` that did them all."""
     done = label_shards(cfg, gen, list(range(num_shards(cfg))) if shards is None else shards)
-    result = {"shards_computed": sum(not r["skipped"] for r in done)}
+    log.info("%s/label: %d of %d shards computed, the rest already held this work", gen,
+             sum(not r["skipped"] for r in done), len(done))
     if shards is None:
-        result |= finish_labels(cfg, gen)
-    return result
+        return finish_labels(cfg, gen)
+    return {"shards": [r["shard"] for r in done], "computed": [r["shard"] for r in done if not r["skipped"]]}
 
 
 LABEL = Stage(

@@ -32,15 +32,7 @@ from servers import venv_executable
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-# The `data` stage, shrunk to the tiny project's sizes (mirrors make_tiny_project's make_toy call).
-TOY_FLAGS = ["--size", "16", "--labeled-per-class", "4", "--val-per-class", "2", "--unlabeled-per-class", "12",
-             "--test-per-class", "4"]
-CODE_DEPS = ["nst", "tasks", "models"]  # dvc.yaml lists these as stage deps
-ALL_STAGES = ["data", "prepare", "train-teacher", "evaluate-teacher"] + [
-    f"{s}@{i}" for i in (0, 1) for s in ("pseudo-label", "filter-balance", "train-student", "evaluate")]
-# Files whose bytes legitimately depend on the project's absolute path or on source-file mtimes (see docs/dvc.md):
-# prepare.json (its skip fingerprint), model.json and train_state.pt (a config hash over absolute data paths).
-PATH_DEPENDENT = re.compile(r"(^|/)(prepare\.json|model\.json|train_state\.pt)$")
+CODE_DEPS = ["nst", "tasks", "models", "cli"]  # dvc.yaml lists files of these as stage deps
 
 pytestmark = pytest.mark.slow
 
@@ -95,31 +87,38 @@ def file_hashes(repo: Path) -> dict[str, str]:
     for top in ("data", "outputs"):
         for p in sorted((repo / top).rglob("*")):
             rel = p.relative_to(repo).as_posix()
-            if p.is_file() and ".prefect-results" not in rel and not rel.startswith("outputs/summary.") \
-                    and not rel.endswith(".lock"):
+            if p.is_file() and ".prefect-results" not in rel and not rel.startswith(("outputs/summary.", "outputs/.nst/")) \
+                    and not rel.endswith((".lock", ".gitignore")):
                 out[rel] = hashlib.md5(p.read_bytes()).hexdigest()
     return out
 
 
 def make_dvc_repo(root: Path) -> Path:
-    """A git repo with this project's dvc.yaml, .gitignore, .dvc/config and code deps, plus the tiny params.yaml."""
+    """A git repo with this project's code deps, .gitignore, .dvc/config, the tiny params.yaml, its images added to
+    DVC (`dvc add data/toy`, as users version their own images) and the dvc.yaml `nst dvc-yaml` generates."""
     root.mkdir(parents=True)
     git(root, "init", "-q", "-b", "main")
     git(root, "config", "user.email", "test@example.com")
     git(root, "config", "user.name", "test")
     for d in CODE_DEPS:
         shutil.copytree(ROOT / d, root / d, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    shutil.copy(ROOT / ".gitignore", root / ".gitignore")
-    spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())
-    spec["stages"]["data"]["cmd"] += " " + " ".join(TOY_FLAGS)
-    (root / "dvc.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
-    make_tiny_project(root, generations=2, extra="evaluate: {enabled: false}")
-    shutil.rmtree(root / "data")  # the `data` stage makes it
+    shutil.copy(ROOT / ".dvcignore", root / ".dvcignore")
+    # this project git-ignores data/ (where built-in sets are generated); a user versioning their own images with
+    # `dvc add` commits data/*.dvc instead
+    ignore = [ln for ln in (ROOT / ".gitignore").read_text().splitlines() if ln.strip() != "/data/"]
+    (root / ".gitignore").write_text("\n".join(ignore) + "\n")
+    make_tiny_project(root, generations=2, extra="robustness: {enabled: false}")
     dvc(root, "init", "-q")
     shutil.copy(ROOT / ".dvc" / "config", root / ".dvc" / "config")
+    dvc(root, "add", "-q", "data/toy")
+    run([venv_executable("nst"), "dvc-yaml"], root)
     git(root, "add", "-A")
     git(root, "commit", "-q", "-m", "pipeline")
     return root
+
+
+def stage_names(repo: Path) -> list[str]:
+    return list(yaml.safe_load((repo / "dvc.yaml").read_text())["stages"])
 
 
 @pytest.fixture(scope="module")
@@ -139,17 +138,21 @@ def repro_repo(tmp_path_factory):
 
 def test_repro_runs_every_stage_once_then_nothing(repro_repo):
     repo = repro_repo.root
-    assert sorted(ran_stages(repro_repo.output)) == sorted(ALL_STAGES), repro_repo.output[-3000:]
+    assert ran_stages(repro_repo.output) == stage_names(repo), repro_repo.output[-3000:]  # in the declared order
+    assert stage_names(repo) == ["prepare", "train-teacher", "evaluate-g0", "label-g0", "filter-balance-g1",
+                                 "train-student-g1", "evaluate-g1", "label-g1", "filter-balance-g2",
+                                 "train-student-g2", "evaluate-g2", "label-g2"]
     for gen in ("g0", "g1", "g2"):
         assert (repo / f"outputs/{gen}/model/model.safetensors").is_file()
         assert json.loads((repo / f"outputs/{gen}/eval/metrics.json").read_text())["test/top1"] >= 0
-    for gen in ("g1", "g2"):
-        assert sorted(p.name for p in (repo / f"outputs/{gen}/pseudo").glob("*.parquet")) == [
+        assert sorted(p.name for p in (repo / f"outputs/{gen}/labels").glob("*.parquet")) == [
             f"shard-0000{i}-of-00003.parquet" for i in range(3)]  # a few Parquet shards, not a file per image
+    for gen in ("g1", "g2"):
         assert (repo / f"outputs/{gen}/balanced/balanced.parquet").is_file()
     # metrics are in Git (cache: false), everything else in DVC's cache: git tracks no other output
     tracked = git(repo, "ls-files", "outputs", "data").split()
-    assert sorted(tracked) == [f"outputs/{g}/eval/metrics.json" for g in ("g0", "g1", "g2")]
+    assert sorted(tracked) == ["data/.gitignore", "data/toy.dvc"] + [f"outputs/{g}/eval/metrics.json"
+                                                                     for g in ("g0", "g1", "g2")]
     assert git(repo, "status", "--porcelain") == ""
 
     assert status(repo) == {}
@@ -171,19 +174,19 @@ def test_g2_student_param_reruns_only_that_student_and_old_commits_restore_outpu
 
     # `dvc exp run -S` on a list item: dotted index (generations.1...), Hydra syntax
     exp = dvc(repo, "exp", "run", "-S", "generations.1.student.epochs=2").stdout
-    assert ran_stages(exp) == ["train-student@1", "evaluate@1"], exp
+    assert ran_stages(exp) == ["train-student-g2", "evaluate-g2", "label-g2"], exp
     assert yaml.safe_load((repo / "params.yaml").read_text())["generations"][1]["student"]["epochs"] == 2
     diff = json.loads(dvc(repo, "metrics", "diff", "--json").stdout)
     assert set(diff) <= {"outputs/g2/eval/metrics.json"} and diff, diff  # only g2's metrics moved
     changed = {k for k, v in file_hashes(repo).items() if repro_repo.hashes.get(k) != v}
-    assert changed and all(k.startswith(("outputs/g2/model/", "outputs/g2/eval/")) for k in changed), changed
+    assert changed and all(k.startswith(("outputs/g2/model/", "outputs/g2/eval/", "outputs/g2/labels/"))
+                           for k in changed), changed
     git(repo, "add", "-A")
     git(repo, "commit", "-q", "-m", "g2 student: 2 epochs")
 
     # break the workspace: lose a pseudo-label shard, corrupt another
-    g2_pseudo = repo / "outputs/g2/pseudo"
-    (g2_pseudo / "shard-00000-of-00003.parquet").unlink()
-    (repo / "outputs/g1/pseudo/shard-00001-of-00003.parquet").write_bytes(b"not parquet")
+    (repo / "outputs/g1/labels/shard-00000-of-00003.parquet").unlink()
+    (repo / "outputs/g0/labels/shard-00001-of-00003.parquet").write_bytes(b"not parquet")
     # an old commit + `dvc checkout` restores that commit's outputs exactly: pseudo-labels, weights, metrics
     git(repo, "checkout", "-q", repro_repo.commit)
     dvc(repo, "checkout", "--force")
@@ -214,7 +217,7 @@ def test_push_to_s3_then_pull_into_an_empty_workspace_gives_identical_files(repr
 
     shutil.rmtree(repo / ".dvc" / "cache")
     shutil.rmtree(repo / "outputs")
-    shutil.rmtree(repo / "data")
+    shutil.rmtree(repo / "data" / "toy")  # the images: versioned by DVC (data/toy.dvc is in Git)
     git(repo, "checkout", "--", "outputs")  # the metrics files live in Git
     dvc(repo, "pull")
     assert file_hashes(repo) == repro_repo.hashes
@@ -332,20 +335,18 @@ def test_prefect_flow_run_leaves_dvc_clean_with_the_files_dvc_repro_makes(prefec
     import flows.noisy_student  # noqa: F401 - the flow calls nst.dvc.record_outputs(cfg) as its last task
 
     repo = make_dvc_repo(tmp_path / "repo")
-    run([venv_executable("nst"), "data", "toy", "--out", "data/toy", *TOY_FLAGS], repo)  # what the `data` stage makes
     log = tmp_path / "flow.log"
     with open(log, "wb") as out:
         p = subprocess.run([sys.executable, "-c", _RUN_FLOW, str(repo / "params.yaml")], cwd=tmp_path,
                            env=prefect_server.env(), stdout=out, stderr=subprocess.STDOUT,
                            stdin=subprocess.DEVNULL, timeout=480, check=False)
     assert p.returncode == 0, log.read_text()[-4000:]
-    # The flow maps the shards and then runs the same finishing step `nst pseudo-label` does: same files, no fewer.
+    # The flow maps shard groups and then runs the same finishing step `nst label` does: same files, no fewer.
     assert_recorded_like_repro(repo, repro_repo, "the flow")
 
 
 def test_run_without_prefect_also_leaves_dvc_clean(repro_repo, tmp_path):
     repo = make_dvc_repo(tmp_path / "repo")
-    run([venv_executable("nst"), "data", "toy", "--out", "data/toy", *TOY_FLAGS], repo)
     run([venv_executable("nst"), "run", "--no-prefect"], repo)
     assert_recorded_like_repro(repo, repro_repo, "`nst run --no-prefect`")
 
@@ -357,10 +358,10 @@ def assert_recorded_like_repro(repo: Path, repro_repo, who: str) -> None:
     dry = dvc(repo, "repro", "--dry").stdout
     assert ran_stages(dry) == [], dry
 
+    # Every output is the same bytes, in another folder: nothing records absolute paths, wall time or temp names.
     files, dvc_files = file_hashes(repo), repro_repo.hashes
-    portable = {k for k in dvc_files if not PATH_DEPENDENT.search(k)}
-    differ = sorted(k for k in portable if k in files and files[k] != dvc_files[k])
+    differ = sorted(k for k in dvc_files if k in files and files[k] != dvc_files[k])
     assert differ == [], f"{who} and `dvc repro` wrote different bytes: {differ}"
-    missing = sorted(k for k in portable if k not in files)
+    missing = sorted(k for k in dvc_files if k not in files)
     assert missing == [], f"{who} did not write: {missing}"
     assert set(files) - set(dvc_files) == set(), f"{who} wrote files `dvc repro` does not"
