@@ -200,7 +200,7 @@ def finish_tracking_task(spec: dict[str, Any], run_id: str | None, status: str) 
     tracking.finish_pipeline(config_of(spec), run_id, status)
 
 
-@task(name="dvc-record", cache_policy=NO_CACHE, persist_result=False, retries=0)
+@task(name="dvc-record", task_run_name="dvc-record", cache_policy=NO_CACHE, persist_result=False, retries=0)
 def record_outputs_task(spec: dict[str, Any]) -> None:
     """Fails the flow when DVC cannot record the outputs, as `nst run --no-prefect` fails."""
     from nst.dvc import record_outputs
@@ -274,7 +274,8 @@ def _run_steps(spec: dict[str, Any], cfg: Config, todo: list, parent: str | None
     for step in todo:
         stage, gen = step.stage, step.gen
         if stage is None:
-            finish_run_task(spec, gen, runs.get(gen))
+            if cfg.tracking.enabled:
+                finish_run_task(spec, gen, runs.get(gen))
         elif stage is LABEL:
             _label(spec, cfg, gen)
         elif stage.model:

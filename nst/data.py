@@ -413,7 +413,9 @@ def make_loader(ds: Dataset, *, batch_sampler: Sampler | None = None, batch_size
                 workers: int = 0, pin: bool = False, persistent: bool = True) -> DataLoader:
     """Worker processes are persistent and prefetch; uint8 batches (normalised later, on the device). Workers are
     forked: stages run in their own `nst` process, where no orchestrator thread holds a lock at fork time."""
-    kw = dict(num_workers=workers, pin_memory=pin, collate_fn=collate_images)
+    # Its own generator: a DataLoader without one draws its workers' base seed from the global torch RNG at every
+    # iter() (once with persistent workers, every epoch without), which would shift dropout's random stream.
+    kw = dict(num_workers=workers, pin_memory=pin, collate_fn=collate_images, generator=torch.Generator())
     if workers > 0:
         kw |= dict(persistent_workers=persistent, prefetch_factor=4)
     if batch_sampler is not None:

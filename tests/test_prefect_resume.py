@@ -25,8 +25,9 @@ from prefect_api import client_for, run_for_params
 ROOT = Path(__file__).resolve().parents[1]
 STUDENT_EPOCHS = 8  # long enough to be killed in the middle
 OVERRIDES = {"generations.0.student.epochs": STUDENT_EPOCHS}
-FINISHED_BEFORE_THE_STUDENT = {"prepare", "g0/train-teacher", "g0/evaluate", "g1/pseudo-label-shard-0",
-                               "g1/pseudo-label-shard-1", "g1/pseudo-label-shard-2", "g1/filter-balance"}
+FINISHED_BEFORE_THE_STUDENT = {"prepare", "g0/train-teacher", "g0/evaluate", "g0/label-shards-0-0",
+                               "g0/label-shards-1-2", "g0/label", "g1/filter-balance"}
+AFTER_THE_STUDENT = ["dvc-record", "g1/evaluate", "g1/label", "g1/label-shards-0-0", "g1/label-shards-1-2"]
 
 pytestmark = pytest.mark.slow
 
@@ -58,6 +59,21 @@ def _executed(exec_log: Path) -> list[str]:
     return exec_log.read_text().split() if exec_log.is_file() else []
 
 
+def _stage_processes(project: Path) -> list[str]:
+    """Command lines of live `nst` stage processes working on `project` (children the flow launched)."""
+    out = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if " cli " in f" {cmd} " and str(project) in cmd:
+            out.append(f"{proc.name}: {cmd}")
+    return out
+
+
 def test_kill_9_mid_student_then_rerun_skips_finished_tasks_and_matches(prefect_server, tmp_path):
     # reference: the same pipeline, never interrupted, in its own project
     ref = make_tiny_project(tmp_path / "ref", generations=1)
@@ -75,8 +91,12 @@ def test_kill_9_mid_student_then_rerun_skips_finished_tasks_and_matches(prefect_
             assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "the student never saved a checkpoint"
             time.sleep(0.01)
-        os.killpg(proc.pid, signal.SIGKILL)  # kill -9, the whole process group
+        os.kill(proc.pid, signal.SIGKILL)  # kill -9 of the flow process alone: its stage child must not live on
         proc.wait(timeout=30)
+        deadline = time.monotonic() + 20
+        while _stage_processes(params.parent) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _stage_processes(params.parent) == [], "the killed flow left a training process running"
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -93,7 +113,7 @@ def test_kill_9_mid_student_then_rerun_skips_finished_tasks_and_matches(prefect_
         (tmp_path / "second.log").read_text()[-3000:]
     rerun = _executed(second_log)
     assert not set(rerun) & FINISHED_BEFORE_THE_STUDENT, f"finished tasks ran again: {rerun}"
-    assert sorted(rerun) == ["dvc-record", "g1/evaluate", "g1/train-student"], rerun
+    assert sorted(rerun) == sorted(AFTER_THE_STUDENT + ["g1/train-student"]), rerun
     assert f"resuming at epoch {epochs_done + 1}/{STUDENT_EPOCHS}" in (tmp_path / "second.log").read_text()
 
     got = json.loads((out / "g1" / "eval" / "metrics.json").read_text())
@@ -109,15 +129,17 @@ def test_kill_9_mid_student_then_rerun_skips_finished_tasks_and_matches(prefect_
     third_log = tmp_path / "third.exec"
     assert _run(prefect_server, params, third_log, OVERRIDES, tmp_path / "third.log") == 0, \
         (tmp_path / "third.log").read_text()[-3000:]
-    assert sorted(_executed(third_log)) == ["dvc-record", "g1/evaluate"]
+    assert sorted(_executed(third_log)) == ["dvc-record", "g1/evaluate"]  # the label stage's inputs are unchanged
     assert json.loads((out / "g1" / "eval" / "metrics.json").read_text()) == want
 
 
 def test_a_failing_shard_fails_the_flow_and_names_the_shard(prefect_server, tmp_path):
     params = make_tiny_project(tmp_path / "proj", generations=1)
-    teacher_only = {"generations": []}
-    assert _run(prefect_server, params, tmp_path / "a.exec", teacher_only, tmp_path / "a.log") == 0, \
+    assert _run(prefect_server, params, tmp_path / "a.exec", {"generations": []}, tmp_path / "a.log") == 0, \
         (tmp_path / "a.log").read_text()[-3000:]
+    import shutil
+
+    shutil.rmtree(params.parent / "outputs" / "g0" / "labels")  # the teacher labels again, now with a damaged image
 
     # A real fault: bit rot in one unlabeled image of shard 1 (size and mtime kept, so nothing upstream notices).
     out = params.parent / "outputs"
@@ -130,18 +152,18 @@ def test_a_failing_shard_fails_the_flow_and_names_the_shard(prefect_server, tmp_
     log = tmp_path / "b.log"
     assert _run(prefect_server, params, tmp_path / "b.exec", None, log) != 0
     text = log.read_text()
-    assert "ShardFailure" in text and "g1/pseudo-label-shard-1" in text
-    assert "g1/pseudo-label-shard-0," not in text and "g1/pseudo-label-shard-2" not in text.split("ShardFailure")[-1]
+    assert "ShardFailure" in text and "g0/label-shard-1" in text
+    assert "g0/label-shard-0" not in text and "g0/label-shard-2" not in text.split("ShardFailure")[-1]
+    assert victim.name in text  # the child's error names the image
     executed = _executed(tmp_path / "b.exec")
-    assert sorted(executed) == ["g1/pseudo-label-shard-0", "g1/pseudo-label-shard-1", "g1/pseudo-label-shard-2"]
-    pseudo = out / "g1" / "pseudo"
-    assert sorted(p.name for p in pseudo.glob("shard-*.parquet")) == ["shard-00000-of-00003.parquet",
-                                                                      "shard-00002-of-00003.parquet"]
-    assert not (out / "g1" / "balanced").exists()  # nothing downstream ran
+    assert sorted(executed) == ["g0/label-shards-0-0", "g0/label-shards-1-2"]
+    labels = out / "g0" / "labels"
+    assert sorted(p.name for p in labels.glob("shard-*.parquet")) == ["shard-00000-of-00003.parquet"]
+    assert not (out / "g1").exists()  # nothing downstream ran
     with client_for(prefect_server.api_url) as client:
         run = run_for_params(client, str(params))
         assert run.state.is_failed(), run.state
-        assert "g1/pseudo-label-shard-1" in run.state.message, run.state.message
+        assert "g0/label-shard-1" in run.state.message, run.state.message
 
 
 def test_an_invalid_config_fails_the_flow_with_the_one_line_error(prefect_server, tmp_path):
