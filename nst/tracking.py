@@ -292,11 +292,23 @@ def _curves(history: list[dict], title: str):
     return fig
 
 
-@_guarded("finish_generation")
 def finish_generation(cfg: Config, gen: str, run_id: str | None) -> str | None:
-    """Complete `gen`'s run from its files (trained, evaluated, labelled), register its model, end the run."""
-    if run_id is None:
+    """Complete `gen`'s run from its files (trained, evaluated, labelled), register its model, end the run. A run
+    that cannot be completed is marked FAILED and tagged `tracking_incomplete` (and the failure reported)."""
+    if run_id is None or not cfg.tracking.enabled:
         return None
+    try:
+        return _finish_generation(cfg, gen, run_id)
+    except Exception as e:  # noqa: BLE001
+        _report(cfg, "finish_generation", e, generation=gen, run_id=run_id)
+        with contextlib.suppress(Exception):
+            client = _client(cfg)
+            client.set_tag(run_id, "tracking_incomplete", "true")
+            client.set_terminated(run_id, "FAILED")
+        return run_id
+
+
+def _finish_generation(cfg: Config, gen: str, run_id: str) -> str:
     from mlflow.entities import Metric
 
     from nst.checkpoint import read_meta
@@ -329,6 +341,7 @@ def finish_generation(cfg: Config, gen: str, run_id: str | None) -> str | None:
     for src, dest in ((lstats_f, "labeler"), (cfg.balanced_dir(gen) / "stats.json", "train_data")):
         if src.is_file():
             client.log_artifact(run_id, str(src), dest)
+    _log_inputs(cfg, client, gen, run_id)
     version = _log_and_register(cfg, client, gen, run_id, meta, final)
     client.set_tag(run_id, "registered_model_version", f"{cfg.tracking.registered_model}/{version}")
     timing = cfg.state_dir / "timing" / f"{gen}.json"
@@ -341,16 +354,15 @@ def finish_generation(cfg: Config, gen: str, run_id: str | None) -> str | None:
 
 
 @contextlib.contextmanager
-def _fluent(cfg: Config, run_id: str):
-    """`mlflow.pytorch.log_model` uses MLflow's process-global URI and active run: set both for the block only."""
+def _global_uri(cfg: Config):
+    """MLflow's fluent APIs (log_model, load_model) read a process-global URI: set it for the block only."""
     import mlflow
 
     with _LOCK:
         old = os.environ.get("MLFLOW_TRACKING_URI")
         mlflow.set_tracking_uri(tracking_uri(cfg))
         try:
-            with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
-                yield mlflow
+            yield mlflow
         finally:
             mlflow.set_tracking_uri(old or "")
             if old is None:
@@ -367,7 +379,7 @@ def _log_and_register(cfg: Config, client, gen: str, run_id: str, meta: dict, fi
     model, _ = load_model(cfg.model_dir(gen), "cpu")
     s = int(meta.get("image_size", cfg.data.image_size))
     example = np.random.default_rng(0).standard_normal((2, 3, s, s)).astype(np.float32)
-    with _fluent(cfg, run_id) as mf:
+    with _global_uri(cfg) as mf, mf.start_run(run_id=run_id, nested=mf.active_run() is not None):
         info = mf.pytorch.log_model(model, name="model", input_example=example,
                                     pip_requirements=[f"mlflow=={mlflow.__version__}",
                                                       f"torch=={torch.__version__.split('+')[0]}"],
@@ -387,10 +399,43 @@ def _log_and_register(cfg: Config, client, gen: str, run_id: str, meta: dict, fi
     return str(mv.version)
 
 
-def _digest(path: Path) -> str:
+def _log_inputs(cfg: Config, client, gen: str, run_id: str) -> None:
+    """What the model was made from, as MLflow datasets (content digest, rows) and, for a student, its teacher's
+    logged model: lineage one click away in the UI."""
+    import pyarrow.parquet as pq
+    from mlflow.entities import Dataset, DatasetInput, InputTag, LoggedModelInput
+
+    files = [("labeled", "training"), ("val", "validation"), ("unlabeled", "labeling"), ("test", "evaluation")]
+    items = [(cfg.data_dir / f"{n}.parquet", n, c) for n, c in files]
+    teacher = None if gen == "g0" else cfg.generation(gen).teacher
+    if teacher:
+        items.append((cfg.balanced_dir(gen) / "balanced.parquet", f"{gen}-pseudo-labels", "training"))
+    datasets = [DatasetInput(Dataset(name=name, digest=_digest(p), source_type="local",
+                                     source=json.dumps({"uri": cfg.rel(p)}),
+                                     profile=json.dumps({"num_rows": pq.ParquetFile(p).metadata.num_rows,
+                                                         "sha256": _digest(p, full=True)})),
+                             tags=[InputTag("mlflow.data.context", ctx)])
+                for p, name, ctx in items if p.is_file()]
+    models = []
+    if teacher and (trun := client.get_run(run_id).data.tags.get("teacher_run_id")):
+        outs = client.get_run(trun).outputs
+        models = [LoggedModelInput(o.model_id) for o in (outs.model_outputs if outs else [])][:1]
+    client.log_inputs(run_id, datasets=datasets, models=models or None)
+
+
+def load_registered(cfg: Config, ref: str | int = "champion"):
+    """A registered generation as a torch module (eval mode), e.g. the next teacher: `ref` is an alias
+    ("champion"), a version number, or a `models:/...` URI. Input: normalised float32 NCHW (see its metadata)."""
+    ref, name = str(ref), cfg.tracking.registered_model
+    uri = ref if ref.startswith("models:/") else (f"models:/{name}/{ref}" if ref.isdigit() else f"models:/{name}@{ref}")
+    with _global_uri(cfg) as mf:
+        return mf.pytorch.load_model(uri, map_location="cpu")
+
+
+def _digest(path: Path, full: bool = False) -> str:
     from nst.io import content_digest
 
-    return content_digest(path)[:32]
+    return content_digest(path) if full else content_digest(path)[:32]
 
 
 # ---- backfill and read-back ----------------------------------------------------------------------------------

@@ -293,3 +293,61 @@ def start_prefect_worker(
         ready_timeout=ready_timeout,
         name=f"prefect_worker[{pool}]",
     )
+
+
+class FlakyProxy:
+    """An HTTP proxy on 127.0.0.1 in front of a real server that answers `status` (e.g. 503) instead of forwarding
+    the first `times` requests whose path contains `path_part`: a transient server fault, caused for real. Runs
+    in a thread; `stop()` shuts it down."""
+
+    def __init__(self, upstream: str, path_part: str, times: int = 1, status: int = 503):
+        import http.client
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        host, port = upstream.split("://", 1)[1].rstrip("/").split(":")
+        self.hits, self.failed, lock = 0, 0, threading.Lock()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):
+                pass
+
+            def _forward(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                with lock:
+                    fail = path_part in self.path and proxy.failed < times
+                    proxy.failed += fail
+                    proxy.hits += path_part in self.path
+                if fail:
+                    self.send_response(status)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
+                conn = http.client.HTTPConnection(host, int(port), timeout=60)
+                conn.request(self.command, self.path, body=body or None, headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()
+                conn.close()
+                self.send_response(resp.status)
+                for k, v in resp.getheaders():
+                    if k.lower() not in ("connection", "transfer-encoding", "content-length"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = do_PATCH = _forward
+
+        self.server = ThreadingHTTPServer((HOST, 0), Handler)
+        self.url = f"http://{HOST}:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=10)
