@@ -31,12 +31,15 @@ def _add_cfg(p: argparse.ArgumentParser) -> None:
                    help="override a params.yaml value, e.g. -S teacher.epochs=5 (repeatable)")
 
 
-def _cfg(args, *, check_models: bool = True, device: bool = False):
+def _cfg(args, *, check_models: bool = True, device: bool = False, sources: bool = False):
     from nst.config import check_device, load_config
+    from nst.validate import check_sources
 
     cfg = load_config(args.params, args.overrides, check_models=check_models)
     if device:
         check_device(cfg, args.params)
+    if sources:
+        check_sources(cfg, args.params)
     if cfg.threads:
         import torch
 
@@ -75,7 +78,7 @@ def cmd_stage(args) -> None:
     from tasks.spec import execute, read_stamp
 
     stage = STAGES[args.cmd]
-    cfg = _cfg(args, device=stage.model)
+    cfg = _cfg(args, device=stage.model, sources=stage.name == "prepare")
     gen = getattr(args, "generation", None) or ("g0" if stage.name == "train-teacher" else "")
     if gen and stage.scope == "student":
         cfg.generation(gen)
@@ -152,7 +155,7 @@ def cmd_run(args) -> int:
     from nst.tracking import tracking_errors
 
     args.overrides = _clean_overrides(args)
-    cfg = _cfg(args, device=True)
+    cfg = _cfg(args, device=True, sources=True)
     errors_before = len(tracking_errors(cfg)) if cfg.tracking.enabled else 0
     if args.no_prefect:
         from nst.config import parse_overrides
@@ -351,14 +354,30 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+class _Stderr:
+    """The current sys.stderr at each write (tests and embedding code swap it), never a stale one."""
+
+    def write(self, s: str) -> int:
+        return sys.stderr.write(s)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def _setup_logging(verbose: bool) -> None:
-    from nst.secrets import install_redaction
+    from nst.secrets import RedactingFilter
 
     rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(level=logging.DEBUG if verbose else (logging.INFO if rank == 0 else logging.WARNING),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    install_redaction()
-    for noisy in ("httpx", "httpcore"):  # one INFO line per Prefect API request otherwise
+    root = logging.getLogger()
+    for h in [h for h in root.handlers if getattr(h, "_nst", False)]:
+        root.removeHandler(h)
+    handler = logging.StreamHandler(_Stderr())
+    handler._nst = True  # type: ignore[attr-defined]
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"))
+    handler.addFilter(RedactingFilter())
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if verbose else (logging.INFO if rank == 0 else logging.WARNING))
+    for noisy in ("httpx", "httpcore", "botocore", "urllib3"):  # one INFO line per request otherwise
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

@@ -36,6 +36,7 @@ from flows.runners import max_workers, task_runner_from_env
 from nst.config import Config, check_device, load_config
 from nst.io import run_lock
 from nst.proc import ChildFailed, run_child
+from nst.validate import check_sources
 from tasks.label import LABEL, finish_labels, num_shards, shard_key
 from tasks.pipeline import STAGES, TRAINING, needs_torchrun, stage_argv, steps, torchrun_argv
 from tasks.spec import Stage, execute, fingerprint, outputs_exist, read_stamp, up_to_date, write_stamp
@@ -320,6 +321,7 @@ def noisy_student(params_path: str = "params.yaml", overrides: dict[str, Any] | 
     cfg = load_config(params_path, overrides)  # invalid params fail the flow here, with the one-line ConfigError
     if os.environ.get("NST_TASK_RUNNER", "thread") != "dask":  # with Dask, stages run on other machines
         check_device(cfg, params_path)
+    check_sources(cfg, params_path)
     spec = {"params_path": str(Path(params_path).resolve()), "overrides": overrides or {},
             "parent_run_id": parent_run_id, "tags": tags or {}}
     logger.info("params %s -> outputs %s (%d generations)", spec["params_path"], cfg.out_dir, len(cfg.generations))

@@ -40,7 +40,8 @@ USER_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOEN
 
 
 def os_error_line(e: OSError) -> str:
-    where = e.filename if e.filename is not None else ""
+    where = str(e.filename) if e.filename is not None else ""
+    where = where if len(where) <= MAX_QUOTE else where[: MAX_QUOTE - 3] + "..."
     what = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded",
             errno.EROFS: "read-only file system"}.get(e.errno, e.strerror or str(e))
     return f"{where}: {what}" if where else what

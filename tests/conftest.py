@@ -17,6 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from servers import (  # noqa: E402  (tests/ is on sys.path via rootdir conftest)
     ServerProcess,
     prefect_env,
+    start_mlflow_server,
     start_moto_server,
     start_prefect_server,
 )
@@ -55,6 +56,22 @@ def s3_bucket(moto_s3):
     name = f"nst-test-{uuid.uuid4().hex[:16]}"
     moto_s3.client().create_bucket(Bucket=name)
     yield name
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(moto_s3, tmp_path_factory):
+    """A real tracking server: SQLite backend, artifacts proxied to s3://<bucket>/mlflow on the moto server."""
+    from types import SimpleNamespace
+
+    bucket = f"nst-mlflow-{uuid.uuid4().hex[:12]}"
+    s3 = moto_s3.client()
+    s3.create_bucket(Bucket=bucket)
+    server = start_mlflow_server(tmp_path_factory.mktemp("mlflow"), artifacts_destination=f"s3://{bucket}/mlflow",
+                                 s3_endpoint_url=moto_s3.endpoint_url)
+    try:
+        yield SimpleNamespace(url=server.url, bucket=bucket, s3=s3)
+    finally:
+        server.stop()
 
 
 @dataclass

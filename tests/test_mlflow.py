@@ -10,13 +10,12 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from conftest import make_tiny_project
-from servers import FlakyProxy, free_port, start_mlflow_server
+from servers import FlakyProxy, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -29,20 +28,6 @@ def _tracking_env(monkeypatch):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
     monkeypatch.setenv("DO_NOT_TRACK", "true")
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(moto_s3, tmp_path_factory):
-    """A real tracking server: SQLite backend, artifacts proxied to s3://<bucket>/mlflow on the moto server."""
-    bucket = f"nst-mlflow-{uuid.uuid4().hex[:12]}"
-    s3 = moto_s3.client()
-    s3.create_bucket(Bucket=bucket)
-    server = start_mlflow_server(tmp_path_factory.mktemp("mlflow"), artifacts_destination=f"s3://{bucket}/mlflow",
-                                 s3_endpoint_url=moto_s3.endpoint_url)
-    try:
-        yield SimpleNamespace(url=server.url, bucket=bucket, s3=s3)
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
