@@ -66,11 +66,12 @@ def config_of(spec: dict[str, Any]) -> Config:
 
 
 def _begin(name: str) -> None:
+    """`name<TAB>pid` of a task body that really executes (not cached), one O_APPEND write: a counter for tests."""
     path = os.environ.get("NST_EXECUTION_LOG")
     if path:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         try:
-            os.write(fd, f"{name}\n".encode())
+            os.write(fd, f"{name}\t{os.getpid()}\n".encode())
         finally:
             os.close(fd)
 
@@ -78,7 +79,7 @@ def _begin(name: str) -> None:
 _LINE = re.compile(r"^\d\d:\d\d:\d\d (DEBUG|INFO|WARNING|ERROR|CRITICAL) (\S+): (.*)$")
 
 
-def _launch(argv: list[str], name: str, env: dict[str, str] | None = None) -> None:
+def _launch(argv: list[str], name: str, spec: dict[str, Any], env: dict[str, str] | None = None) -> None:
     """Run a stage command, its log lines into this task run's log (level kept); fail with its last error."""
     logger = get_run_logger()
 
@@ -89,8 +90,10 @@ def _launch(argv: list[str], name: str, env: dict[str, str] | None = None) -> No
         elif line.strip() and not line.startswith(("error:", "internal error:")):
             logger.info("%s", line)
 
+    # The run's lock token travels in the spec: on a Dask worker the flow's environment is not ours to inherit.
+    token = {"NST_RUN_TOKEN": spec["run_token"]} if spec.get("run_token") else {}
     try:
-        run_child(argv, on_line=on_line, env={**os.environ, **(env or {})})
+        run_child(argv, on_line=on_line, env={**os.environ, **token, **(env or {})})
     except ChildFailed as e:
         raise StageFailed(f"{name}: {e.last_error.removeprefix('error: ')}") from None
 
@@ -135,7 +138,7 @@ def command_task(spec: dict[str, Any], stage_name: str, gen: str, run_id: str | 
     argv = stage_argv(stage, gen, spec["params_path"], spec["overrides"])
     if n := needs_torchrun(stage, cfg):
         argv = torchrun_argv(n, argv)
-    _launch(argv, stage.task_name(gen), {RUN_ENV: run_id} if run_id else None)
+    _launch(argv, stage.task_name(gen), spec, {RUN_ENV: run_id} if run_id else None)
     return (read_stamp(stage, cfg, gen) or {}).get("result", {})
 
 
@@ -151,7 +154,7 @@ def _group_name() -> str:
 def label_group_task(spec: dict[str, Any], gen: str, shards: list[int], gpu: str | None = None) -> dict:
     _begin(f"{gen}/label-shards-{shards[0]}-{shards[-1]}")
     argv = stage_argv(LABEL, gen, spec["params_path"], spec["overrides"], ["--shards", ",".join(map(str, shards))])
-    _launch(argv, f"{gen}/label shards {shards[0]}-{shards[-1]}", {"CUDA_VISIBLE_DEVICES": gpu} if gpu else None)
+    _launch(argv, f"{gen}/label shards {shards[0]}-{shards[-1]}", spec, {"CUDA_VISIBLE_DEVICES": gpu} if gpu else None)
     return {"shards": shards}
 
 
@@ -214,9 +217,11 @@ def record_outputs_task(spec: dict[str, Any]) -> None:
 
 def _stage(t, cfg: Config, stage: Stage, gen: str):
     """The task with this project's result storage; refreshed when the stage's outputs are gone, so a cached
-    result never stands in for deleted files."""
+    result never stands in for deleted files. Called through the task runner (submit), so that with Dask a
+    generation's stages run on the cluster's workers, not in the flow's process."""
     refresh = {"refresh_cache": True} if not outputs_exist(stage, cfg, gen) else {}
-    return t.with_options(result_storage=cfg.out_dir / RESULTS_DIR, **refresh)
+    task_ = t.with_options(result_storage=cfg.out_dir / RESULTS_DIR, **refresh)
+    return lambda *args: task_.submit(*args).result()
 
 
 def _label(spec: dict[str, Any], cfg: Config, gen: str) -> None:
@@ -322,11 +327,11 @@ def noisy_student(params_path: str = "params.yaml", overrides: dict[str, Any] | 
     if os.environ.get("NST_TASK_RUNNER", "thread") != "dask":  # with Dask, stages run on other machines
         check_device(cfg, params_path)
     check_sources(cfg, params_path)
-    spec = {"params_path": str(Path(params_path).resolve()), "overrides": overrides or {},
-            "parent_run_id": parent_run_id, "tags": tags or {}}
-    logger.info("params %s -> outputs %s (%d generations)", spec["params_path"], cfg.out_dir, len(cfg.generations))
     all_steps = steps(cfg)
-    with run_lock(cfg.out_dir):
+    with run_lock(cfg.out_dir) as token:
+        spec = {"params_path": str(Path(params_path).resolve()), "overrides": overrides or {},
+                "parent_run_id": parent_run_id, "tags": tags or {}, "run_token": token}
+        logger.info("params %s -> outputs %s (%d generations)", spec["params_path"], cfg.out_dir, len(cfg.generations))
         parent = start_tracking_task(spec, str(flow_run.id)) if cfg.tracking.enabled else None
         runs: dict[str, str | None] = {}
         try:

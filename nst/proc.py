@@ -21,12 +21,18 @@ PARENT_ENV = "NST_PARENT_PID"
 
 
 def die_with_parent(sig: int = signal.SIGTERM) -> None:
-    """Ask the kernel to send `sig` when our parent dies (Linux); exit at once if it is already gone."""
+    """Ask the kernel to send `sig` when our parent dies (Linux); exit at once if it is already gone.
+
+    $NST_PARENT_PID names the process that launched us. The trampoline below is that launched process (it execs
+    the command in place, keeping its pid) and hands its own pid on, so the command's children - torchrun's
+    ranks - check against it in turn."""
+    parent = os.environ.get(PARENT_ENV)
+    if parent == str(os.getpid()):
+        return  # we are the launched command itself: the trampoline already did this
     try:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
     except (OSError, AttributeError):  # not Linux: best effort only
         return
-    parent = os.environ.get(PARENT_ENV)
     if parent and os.getppid() != int(parent):
         os._exit(1)
 
@@ -89,4 +95,5 @@ def _stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
 
 if __name__ == "__main__":  # the trampoline: python -m nst.proc CMD ARGS...
     die_with_parent()
+    os.environ[PARENT_ENV] = str(os.getpid())  # for the command's own children (it keeps this pid)
     os.execvp(sys.argv[1], sys.argv[1:])

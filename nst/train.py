@@ -28,6 +28,7 @@ from nst.data import EpochBatches, ImageDataset, make_loader, to_device
 from nst.distributed import Dist
 from nst.errors import DataError, StageError
 from nst.io import atomic_write_json
+from nst.progress import Progress
 
 log = logging.getLogger("nst.train")
 
@@ -177,6 +178,10 @@ def fit(
             unl_iter = iter(unl_loader)
         net.train()
         sums = torch.zeros(5, dtype=torch.float64)  # loss, loss_labeled, loss_unlabeled, correct, seen
+        bar = Progress(f"{name} epoch {epoch + 1}/{cfg.epochs}", total=steps * (lab_bsz + ubsz), unit="img",
+                       logger=log) if dist.main else None
+        if bar is not None:
+            bar.__enter__()
         for i, (xl, il) in enumerate(lab_loader):
             step = epoch * steps + i
             for g in opt.param_groups:
@@ -206,6 +211,10 @@ def fit(
                 ema.update(model, step=step)
             sums += torch.tensor([loss.item(), ll.item(), lu.item(), (logits[:nl].argmax(1) == yl).sum().item(), nl],
                                  dtype=torch.float64)
+            if bar is not None:
+                bar.advance(len(x) * dist.world, loss=float(sums[0]) / (i + 1))
+        if bar is not None:
+            bar.__exit__(None, None, None)
         s = dist.all_sum(sums.tolist(), device)
         eval_model = ema.module if ema is not None else model
         row = {"epoch": epoch + 1, "lr": lr_at(epoch * steps + steps - 1), "train_loss": s[0] / dist.world / steps,

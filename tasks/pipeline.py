@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 from dataclasses import dataclass
 
 from nst.config import Config, override_args
@@ -60,7 +61,7 @@ def stage_argv(stage: Stage, gen: str, params_path: str, overrides: dict | None 
                extra: list[str] | None = None) -> list[str]:
     """`python -m cli <stage> [gen] -p params.yaml -S k=v ...`: the command dvc.yaml runs (as `nst ...`) and the
     flow launches. A training stage with distributed.nproc_per_node > 1 re-executes itself under torchrun."""
-    return [sys.executable, "-m", "cli", *stage.argv(gen), "-q", "-p", str(params_path),
+    return [sys.executable, "-m", "cli", *stage.argv(gen), "-q", "-p", str(Path(params_path).resolve()),
             *[a for o in override_args(overrides) for a in ("-S", o)], *(extra or [])]
 
 

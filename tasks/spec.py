@@ -36,7 +36,7 @@ STAMP = "config.json"
 # Vocabulary of the declarations (tasks/*.py): config key groups and the source every model stage runs.
 CORE = ("nst/config.py", "nst/errors.py", "nst/io.py", "nst/secrets.py")
 MODEL_CODE = CORE + ("models", "nst/checkpoint.py", "nst/data.py", "nst/distributed.py", "nst/labels.py",
-                     "nst/train.py")
+                     "nst/scan.py", "nst/train.py")
 # Imported by stages but without effect on what they write (progress display, live tracking, this module):
 # left out of the code versions, so editing them re-runs nothing. tests/test_contract.py checks the rest.
 NO_EFFECT = ("nst/progress.py", "nst/tracking.py", "nst/proc.py", "nst/validate.py", "tasks/spec.py",
@@ -119,6 +119,15 @@ def path_digest(path: Path, cfg: Config) -> str:
         return tree_digest(path, cache)
 
 
+def _dep_name(cfg: Config, p: Path) -> str:
+    """An input's name in a fingerprint: outputs relative to out_dir (so two out_dirs holding the same teacher -
+    a study's arms - agree), anything else as params.yaml spells it."""
+    try:
+        return "$out/" + Path(p).relative_to(cfg.out_dir).as_posix()
+    except ValueError:
+        return cfg.rel(p)
+
+
 def fingerprint(stage: Stage, cfg: Config, gen: str, *, exclude: tuple[str, ...] = ()) -> str:
     h = hashlib.sha256(f"{stage.name}\0{gen}\n".encode())
     dump = portable_dump(cfg)
@@ -127,7 +136,7 @@ def fingerprint(stage: Stage, cfg: Config, gen: str, *, exclude: tuple[str, ...]
             continue
         h.update(f"{key}={json.dumps(value_at(dump, key), sort_keys=True)}\n".encode())
     for p in stage.deps(cfg, gen):
-        h.update(f"{cfg.rel(p)}:{path_digest(p, cfg)}\n".encode())
+        h.update(f"{_dep_name(cfg, p)}:{path_digest(p, cfg)}\n".encode())
     h.update(code_version(stage.code).encode())
     return h.hexdigest()[:32]
 

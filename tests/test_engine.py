@@ -314,6 +314,7 @@ def test_training_resumes_after_a_crash_to_the_same_weights(tiny_project):
     execute(PREPARE, fresh)
     execute(TRAIN_TEACHER, fresh, "g0")
     assert (fresh.model_dir("g0") / WEIGHTS).read_bytes() == resumed
+    assert (fresh.model_dir("g0") / "train_state.pt").read_bytes() == (mdir / "train_state.pt").read_bytes()
 
 
 def test_a_changed_val_split_retrains(tiny_project):

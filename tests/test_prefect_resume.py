@@ -56,7 +56,7 @@ def _run(prefect_server, params: Path, exec_log: Path, overrides: dict | None, l
 
 
 def _executed(exec_log: Path) -> list[str]:
-    return exec_log.read_text().split() if exec_log.is_file() else []
+    return [ln.split("\t")[0] for ln in exec_log.read_text().splitlines()] if exec_log.is_file() else []
 
 
 def _stage_processes(project: Path) -> list[str]:
