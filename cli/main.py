@@ -95,12 +95,41 @@ def cmd_stage(args) -> None:
             from tasks.label import label, num_shards
             from tasks.spec import fingerprint
 
+            if not args.finish and args.shards is None and (ngpu := _gpus(cfg)) > 1:
+                _spread_over_gpus(stage, gen, args, ngpu)
+                _print(_finish_labels(stage, cfg, gen), args)
+                return
             if args.finish or (shards := _shards(args.shards, num_shards(cfg))) is None:
                 _print(execute(stage, cfg, gen) if not args.finish else _finish_labels(stage, cfg, gen), args)
             else:
                 _print(label(cfg, gen, fingerprint(stage, cfg, gen), shards=shards), args)
             return
         _print(execute(stage, cfg, gen), args)
+
+
+def _gpus(cfg) -> int:
+    if cfg.device not in ("auto", "cuda"):
+        return 0
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _spread_over_gpus(stage, gen: str, args, n: int) -> None:
+    """`nst label gN` on a machine with N GPUs: one process per GPU, each labelling every N-th shard."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from nst.proc import run_child
+    from tasks.pipeline import stage_argv
+
+    def one(i: int) -> None:
+        argv = stage_argv(stage, gen, args.params, None, ["--shards", f"{i}::{n}"] +
+                          [a for o in args.overrides for a in ("-S", o)])
+        run_child(argv, on_line=lambda line: print(f"[gpu {i}] {line}", file=sys.stderr, flush=True),
+                  env={**os.environ, "CUDA_VISIBLE_DEVICES": str(i)})
+
+    with ThreadPoolExecutor(n) as pool:
+        list(pool.map(one, range(n)))
 
 
 def _finish_labels(stage, cfg, gen) -> dict:
@@ -157,13 +186,15 @@ def cmd_run(args) -> int:
     args.overrides = _clean_overrides(args)
     cfg = _cfg(args, device=True, sources=True)
     errors_before = len(tracking_errors(cfg)) if cfg.tracking.enabled else 0
+    tags = dict(t.split("=", 1) for t in args.tag)
     if args.no_prefect:
         from nst.config import parse_overrides
         from tasks.pipeline import run_direct
 
-        rows = run_direct(cfg, args.params, parse_overrides(args.overrides))
+        rows = run_direct(cfg, args.params, parse_overrides(args.overrides), parent_run_id=args.mlflow_parent,
+                          tags=tags)
     else:
-        rows = run_flow(args.params, args.overrides)
+        rows = run_flow(args.params, args.overrides, args.mlflow_parent, tags)
     print(text_table(rows))
     print(f"\noutputs: {cfg.out_dir}  (summary.md, per-generation folders)")
     lost = tracking_errors(cfg)[errors_before:] if cfg.tracking.enabled else []
@@ -175,7 +206,8 @@ def cmd_run(args) -> int:
     return 0
 
 
-def run_flow(params_path: str, overrides: list[str] | None = None) -> list[dict]:
+def run_flow(params_path: str, overrides: list[str] | None = None, parent_run_id: str | None = None,
+             tags: dict | None = None) -> list[dict]:
     """The Prefect flow `noisy-student`, in this process. Without PREFECT_API_URL Prefect starts a temporary local
     server for the run (ephemeral mode): nothing to start by hand."""
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")  # default 20 s is too short
@@ -189,7 +221,8 @@ def run_flow(params_path: str, overrides: list[str] | None = None) -> list[dict]
     from flows.noisy_student import noisy_student
     from nst.config import parse_overrides
 
-    return noisy_student(params_path=str(params_path), overrides=parse_overrides(overrides) or None)
+    return noisy_student(params_path=str(params_path), overrides=parse_overrides(overrides) or None,
+                         parent_run_id=parent_run_id, tags=tags or None)
 
 
 def cmd_dvc_yaml(args) -> int:
@@ -267,9 +300,21 @@ def cmd_track(args) -> None:
 
 
 def cmd_study(args) -> int:
-    from tasks.study import run_study
+    from nst.study import load_study
 
-    return run_study(args)
+    st = load_study(args.config)
+    if args.no_prefect:
+        from tasks.study import run_study_direct
+
+        report = run_study_direct(st, args.jobs)
+    else:
+        os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+        from flows.study import study
+
+        report = study(str(Path(args.config).resolve()), args.jobs)
+    print(Path(report["md"]).read_text())
+    print("report: " + ", ".join(str(p) for p in report.values()))
+    return 0
 
 
 # ---- parser and main -------------------------------------------------------------------------------------------
@@ -322,6 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="the whole pipeline: teacher, then every generation; prints the table")
     _add_cfg(r)
     r.add_argument("--no-prefect", action="store_true", help="walk the pipeline in this process, without Prefect")
+    r.add_argument("--mlflow-parent", default=None, metavar="RUN_ID", help="nest the pipeline's MLflow run under this one")
+    r.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="MLflow tag of the pipeline run")
     r.set_defaults(func=cmd_run)
     dv = sub.add_parser("dvc-yaml", help="write dvc.yaml from params.yaml and the stage declarations")
     _add_cfg(dv)

@@ -165,6 +165,8 @@ def start_pipeline(cfg: Config, *, flow_run_id: str | None = None, parent_run_id
         t["prefect_flow_run_id"] = str(flow_run_id)
     if parent_run_id:
         t["mlflow.parentRunId"] = parent_run_id
+    if run_name is None and "arm" in t:
+        run_name = f"{t.get('study', 'study')}-{t['arm']}-seed{t.get('seed', '')}"
     run = client.create_run(_experiment_id(client, cfg), tags=t,
                             run_name=run_name or f"{t['dataset']}-{time.strftime('%Y%m%d-%H%M%S')}")
     client.log_batch(run.info.run_id, params=_params({k: v for k, v in dump.items() if k != "generations"}))
@@ -485,3 +487,26 @@ def compare_rows(cfg: Config, run_id: str | None = None) -> tuple[Any, list[dict
                      "run_id": r.info.run_id, "status": r.info.status, **robust_summary(m)})
         prev = m
     return parent, rows
+
+
+# ---- studies ----------------------------------------------------------------------------------------------------
+
+@_guarded("start_study")
+def start_study(cfg: Config, study) -> str:
+    """The parent run of a study; each (arm, seed) pipeline run is its child, tagged arm and seed."""
+    client = _client(cfg)
+    tags = {"kind": "study", "study": study.name, "mlflow.source.name": "nst study"} | _git(cfg.root)
+    run = client.create_run(_experiment_id(client, cfg), tags=tags, run_name=f"study-{study.name}")
+    client.log_batch(run.info.run_id, params=_params({"study": {"seeds": study.seeds, "arms": study.arms,
+                                                                "overrides": study.overrides}}))
+    return run.info.run_id
+
+
+@_guarded("finish_study")
+def finish_study(cfg: Config, run_id: str | None, report: dict, status: str = "FINISHED") -> None:
+    if run_id is None:
+        return
+    client = _client(cfg)
+    for p in report.values():
+        client.log_artifact(run_id, str(p), "report")
+    client.set_terminated(run_id, status)

@@ -1,0 +1,69 @@
+"""`nst study --no-prefect`: a study's pipeline runs as `nst run --no-prefect` processes, side by side (flows/study.py
+runs the same plan under Prefect). Each seed's teacher first, then every (arm, seed) from that teacher."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from nst.config import load_config, override_args
+from nst.errors import StageError
+from nst.study import StudyConfig, common_overrides, run_overrides, share_teacher, teacher_overrides, write_report
+
+log = logging.getLogger("nst.study")
+
+
+def jobs_for(st: StudyConfig, jobs: int | None) -> int:
+    return jobs or st.jobs or max(1, (os.cpu_count() or 2) // 2)
+
+
+def plan(st: StudyConfig) -> tuple[list[tuple[dict, dict]], list[tuple[str, int, dict, dict]]]:
+    """(teacher runs, arm runs): overrides and MLflow tags of every pipeline run of the study."""
+    teachers = [(teacher_overrides(st, s), {"study": st.name, "arm": "teacher", "seed": str(s)}) for s in st.seeds]
+    arms = [(arm, s, run_overrides(st, arm, s), {"study": st.name, "arm": arm, "seed": str(s)})
+            for s in st.seeds for arm in st.arms]
+    return teachers, arms
+
+
+def _run(st: StudyConfig, overrides: dict[str, Any], tags: dict, parent: str | None, threads: int) -> None:
+    argv = [sys.executable, "-m", "cli", "run", "--no-prefect", "-p", str(st.params)]
+    argv += [a for o in override_args(overrides | {"threads": threads}) for a in ("-S", o)]
+    argv += [a for k, v in tags.items() for a in ("--tag", f"{k}={v}")]
+    argv += ["--mlflow-parent", parent] if parent else []
+    name = f"{tags['arm']}/seed{tags['seed']}"
+    log.info("study %s: %s started", st.name, name)
+    p = subprocess.run(argv, capture_output=True, text=True)
+    if p.returncode not in (0, 3):  # 3: finished, tracking incomplete (reported by that run)
+        last = next((ln for ln in reversed(p.stderr.splitlines()) if ln.startswith("error")), p.stderr[-300:])
+        raise StageError(f"study {st.name}: {name} failed: {last}")
+    log.info("study %s: %s finished", st.name, name)
+
+
+def run_study_direct(st: StudyConfig, jobs: int | None = None) -> dict:
+    from nst import tracking
+
+    cfg = load_config(st.params, common_overrides(st))
+    n = jobs_for(st, jobs)
+    threads = max(1, (os.cpu_count() or 1) // n)
+    parent = tracking.start_study(cfg, st)
+    teachers, arms = plan(st)
+    status, report = "FAILED", {}
+    try:
+        with ThreadPoolExecutor(n) as pool:
+            list(pool.map(lambda t: _run(st, t[0], t[1], parent, threads), teachers))
+
+            def arm_run(a):
+                arm, seed, overrides, tags = a
+                share_teacher(st, arm, seed)
+                _run(st, overrides, tags, parent, threads)
+
+            list(pool.map(arm_run, arms))
+        report = write_report(st)
+        status = "FINISHED"
+        return report
+    finally:
+        tracking.finish_study(cfg, parent, report, status)
