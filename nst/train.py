@@ -9,6 +9,7 @@ run split over DDP ranks all see the same images and the same noise as one unint
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
@@ -163,8 +164,9 @@ def fit(
         if ema is not None:
             ema.module.load_state_dict(st["ema"])
         opt.load_state_dict(st["optimizer"])
-        history, start_epoch = st["history"], st["epoch"] + 1
-        best_acc, best_epoch = st["best_acc"], st["best_epoch"]
+        progress = json.loads(st["progress"])
+        history, start_epoch = progress["history"], st["epoch"] + 1
+        best_acc, best_epoch = progress["best_acc"], progress["best_epoch"]
         if dist.main:
             log.info("%s: resuming at epoch %d/%d", name, start_epoch + 1, cfg.epochs)
 
@@ -233,10 +235,12 @@ def fit(
                 save_weights(out_dir / "best.safetensors", eval_model.state_dict())
         if dist.main:
             # One file holds everything a resume needs, so a crash can never pair weights with another epoch's optimizer.
+            # history and best score as one JSON string: pickle memoises Python objects shared between them, which
+            # made the bytes depend on whether a run had been resumed
             save_state(state_path, {"fingerprint": fingerprint, "epoch": epoch, "model": model.state_dict(),
                                     "ema": ema.module.state_dict() if ema is not None else {},
-                                    "optimizer": opt.state_dict(), "history": history,
-                                    "best_acc": best_acc, "best_epoch": best_epoch})
+                                    "optimizer": opt.state_dict(), "progress": json.dumps(
+                                        {"history": history, "best_acc": best_acc, "best_epoch": best_epoch})})
             atomic_write_json(out_dir / "history.json", history)
             log.info("%s epoch %d/%d %s", name, epoch + 1, cfg.epochs,
                      " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch") + f" seconds={seconds:.1f}")
