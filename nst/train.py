@@ -120,6 +120,8 @@ def fit(
     name = f"{out_dir.parent.name}/{out_dir.name}"
     if dist.main:
         out_dir.mkdir(parents=True, exist_ok=True)
+        for tmp in out_dir.glob(".*.tmp"):  # a write cut short by kill -9 (the run lock keeps other writers out)
+            tmp.unlink(missing_ok=True)
     model.to(device)
     cl = cfg.channels_last  # NHWC is faster on CPU too (oneDNN): benchmarks/bench_channels_last.py
     if cl:
@@ -229,24 +231,26 @@ def fit(
         seconds = time.time() - t0  # to the log and on_epoch only: history.json / train_state.pt stay byte-identical
         history.append(row)
         score = row.get("val_acc", float(epoch))  # no validation split: the last epoch is the best
-        if score >= best_acc:
+        improved = score >= best_acc
+        if improved:
             best_acc, best_epoch = score, epoch + 1
-            if dist.main:
-                save_weights(out_dir / "best.safetensors", eval_model.state_dict())
         if dist.main:
-            # One file holds everything a resume needs, so a crash can never pair weights with another epoch's optimizer.
-            # history and best score as one JSON string: pickle memoises Python objects shared between them, which
-            # made the bytes depend on whether a run had been resumed
-            save_state(state_path, {"fingerprint": fingerprint, "epoch": epoch, "model": model.state_dict(),
-                                    "ema": ema.module.state_dict() if ema is not None else {},
-                                    "optimizer": opt.state_dict(), "progress": json.dumps(
-                                        {"history": history, "best_acc": best_acc, "best_epoch": best_epoch})})
+            # One file holds everything a resume needs, so a crash can never pair weights with another epoch's
+            # optimizer; history and best score as one JSON string (pickle memoises Python objects shared between
+            # them, which made the bytes depend on whether a run had been resumed).
+            if improved:
+                save_weights(out_dir / "best.safetensors", eval_model.state_dict())
+            save_state(state_path, {
+                "fingerprint": fingerprint, "epoch": epoch, "model": model.state_dict(),
+                "ema": ema.module.state_dict() if ema is not None else {}, "optimizer": opt.state_dict(),
+                "progress": json.dumps({"history": history, "best_acc": best_acc, "best_epoch": best_epoch})})
             atomic_write_json(out_dir / "history.json", history)
             log.info("%s epoch %d/%d %s", name, epoch + 1, cfg.epochs,
                      " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch") + f" seconds={seconds:.1f}")
             if on_epoch is not None:
                 on_epoch(row | {"seconds": seconds, "images": int(s[4]) * (1 + (ratio if n_unl else 0))})
         dist.barrier()
+
 
     final = dict(meta)
     final.update({
