@@ -44,6 +44,9 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder")
     args = ap.parse_args()
 
+    for k, v in {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
+                 "HF_HUB_OFFLINE": "1"}.items():
+        os.environ.setdefault(k, v)  # what `nst` sets: no network
     work = Path(tempfile.mkdtemp(prefix="nst-bench-"))
     if not os.environ.get("PREFECT_API_URL"):
         os.environ.setdefault("PREFECT_HOME", str(work / "prefect-home"))  # fresh: measures the cold start

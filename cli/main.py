@@ -233,7 +233,10 @@ def cmd_dvc_yaml(args) -> int:
 
     cfg = _cfg(args)
     raw = yaml.safe_load(Path(args.params).read_text()) or {}
-    text = HEADER + yaml.safe_dump(dvc_yaml(cfg, raw), sort_keys=False, width=120)
+    name = Path(args.params).name
+    if name != "params.yaml" and not args.output:  # never overwrite the project's dvc.yaml from another file
+        raise ConfigError(f"{args.params}: not the project's params.yaml; choose where to write with -o")
+    text = HEADER + yaml.safe_dump(dvc_yaml(cfg, raw, name), sort_keys=False, width=120)
     target = Path(args.output or cfg.root / "dvc.yaml")
     if args.check:
         current = target.read_text() if target.is_file() else ""
@@ -394,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cfg(tr)
     tr.set_defaults(func=cmd_track)
     st = sub.add_parser("study", help="the paper's comparisons (noise arms x seeds x generations) from one config")
-    st.add_argument("config", help="study YAML (see studies/)")
+    st.add_argument("config", help="study YAML (see experiments/)")
     st.add_argument("--no-prefect", action="store_true", help="run the arms here, without Prefect")
     st.add_argument("--jobs", type=int, default=None, help="arms x seeds run side by side (default: CPU cores / 2)")
     st.set_defaults(func=cmd_study)

@@ -1,7 +1,8 @@
 """The Prefect 3 flow `noisy-student`: the pipeline of `tasks.pipeline.steps`, orchestrated. Orchestration only.
 
-    [builtin-data] -> prepare -> g0: train-teacher -> evaluate -> label (shard groups, mapped) -> track
-    then one subflow per generation `gN/generation`: filter-balance -> train-student -> evaluate -> label -> track
+    [builtin-data] -> prepare -> one subflow per model `gN/generation`:
+        g0: train-teacher -> evaluate -> label (shard groups, mapped) -> track
+        g1, g2, ...: filter-balance -> train-student -> evaluate -> label -> track
 
 * A model stage (train, evaluate, label) runs as its own `nst` command in a child process - the command dvc.yaml
   runs - with its log lines streamed into the task run's log; it fails with the child's last error line. Nothing
@@ -232,7 +233,7 @@ def _label(spec: dict[str, Any], cfg: Config, gen: str) -> None:
     n = num_shards(cfg)
     k = max(1, min(n, max_workers()))
     groups = [list(range(n * i // k, n * (i + 1) // k)) for i in range(k)]  # contiguous: one child each
-    ngpu = _gpus()
+    ngpu = _gpus() if os.environ.get("NST_TASK_RUNNER", "thread") != "dask" else 0  # Dask workers pin their own
     progress = create_progress_artifact(0.0, key=f"{gen}-label-progress",
                                         description=f"{gen}: label shards finished, of {n}")
     futures = {}
@@ -297,7 +298,8 @@ def _run_steps(spec: dict[str, Any], cfg: Config, todo: list, parent: str | None
 
 @flow(name="noisy-student-generation", flow_run_name="{gen}/generation", validate_parameters=False)
 def generation(spec: dict[str, Any], gen: str, parent: str | None, runs: dict[str, str | None]) -> str | None:
-    """One generation: filter + balance its teacher's labels, train the noised student, evaluate, label, track."""
+    """One model: (students: filter + balance the teacher's labels,) train, evaluate, label, track - on the task
+    runner from the environment (threads, or a Dask cluster)."""
     cfg = config_of(spec)
     runs = dict(runs)
     _run_steps(spec, cfg, [s for s in steps(cfg) if s.gen == gen], parent, runs)
@@ -335,9 +337,9 @@ def noisy_student(params_path: str = "params.yaml", overrides: dict[str, Any] | 
         parent = start_tracking_task(spec, str(flow_run.id)) if cfg.tracking.enabled else None
         runs: dict[str, str | None] = {}
         try:
-            _run_steps(spec, cfg, [s for s in all_steps if s.gen in ("", "g0")], parent, runs)
-            for g in cfg.generations:
-                runs[g.name] = generation.with_options(task_runner=task_runner_from_env())(spec, g.name, parent, runs)
+            _run_steps(spec, cfg, [s for s in all_steps if s.gen == ""], parent, runs)  # data, prepare
+            for gen in cfg.model_names():
+                runs[gen] = generation.with_options(task_runner=task_runner_from_env())(spec, gen, parent, runs)
             rows, _ = write_summary(cfg)
             create_markdown_artifact(markdown=markdown_table(rows), key="generation-table",
                                      description="Noisy Student: one row per generation")

@@ -13,7 +13,7 @@ ROBUST_KEYS = ("robust/mce", "robust/relative_mce", "robust/mean_flip_rate")
 
 
 def robust_summary(metrics: dict) -> dict:
-    """The robustness numbers worth a column (when `evaluate.enabled`): mCE, relative mCE, flip rate, attacks."""
+    """The robustness numbers worth a column (when `robustness.enabled`): mCE, relative mCE, flip rate, attacks."""
     return {k: v for k, v in metrics.items()
             if k in ROBUST_KEYS or k.startswith(("robust/fgsm_acc", "robust/pgd_acc"))}
 

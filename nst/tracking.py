@@ -5,7 +5,8 @@ Tracking reads what the stages wrote and never computes: no model is run here ex
 training's); the training process logs each epoch to it while it trains (`epoch_logger`, rank 0 only), and
 `finish_generation` completes the same run from the files: test metrics, per-class accuracy, labeler statistics
 (from the model's own label shards, `gN/labels/stats.json`), epochs the live logging missed, artifacts, the
-model, its registered version and the `champion` alias. Every child has the same metric keys (docs/mlflow.md).
+model, its registered version and the `champion` alias. Every child has the same metric keys (students add
+`train/loss_unlabeled`; docs/mlflow.md).
 
 Where: `tracking.tracking_uri` > `$MLFLOW_TRACKING_URI` > `sqlite:///<out_dir>/mlflow.db` (artifacts next to it).
 Credentials in a URI move to MLflow's basic-auth variables and never appear in what we write. A tracking outage
@@ -392,9 +393,12 @@ def _log_and_register(cfg: Config, client, gen: str, run_id: str, meta: dict, fi
         with contextlib.suppress(Exception):  # exists already
             client.create_registered_model(name, description="Noisy Student generations; champion = best test top-1.")
         test_digest = _digest(cfg.data_dir / "test.parquet")
-        mv = client.create_model_version(name, source=info.model_uri, run_id=run_id, model_id=info.model_id,
-                                         tags={"generation": gen, "run_id": run_id, "test_top1": repr(final["test/top1"]),
-                                               "test_nll": repr(final["test/nll"]), "test_data": test_digest})
+        weights = _digest(cfg.model_dir(gen) / "model.safetensors")
+        same = [v for v in client.search_model_versions(f"name='{name}'") if v.tags.get("weights") == weights]
+        mv = same[0] if same else client.create_model_version(  # a study's arms share their seed's teacher: once
+            name, source=info.model_uri, run_id=run_id, model_id=info.model_id,
+            tags={"generation": gen, "run_id": run_id, "test_top1": repr(final["test/top1"]),
+                  "test_nll": repr(final["test/nll"]), "test_data": test_digest, "weights": weights})
     versions = [v for v in client.search_model_versions(f"name='{name}'") if v.tags.get("test_data") == test_digest]
     best = min(versions, key=lambda v: (-float(v.tags["test_top1"]), float(v.tags["test_nll"]), int(v.version)))
     client.set_registered_model_alias(name, "champion", best.version)

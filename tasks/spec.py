@@ -42,7 +42,8 @@ MODEL_CODE = CORE + ("models", "nst/checkpoint.py", "nst/data.py", "nst/distribu
 NO_EFFECT = ("nst/progress.py", "nst/tracking.py", "nst/proc.py", "nst/validate.py", "tasks/spec.py",
              "tasks/__init__.py")
 EVAL_KEYS = ["data.image_size", "data.transform", "data.crop_pct"]
-TRAIN_KEYS = ["seed", "data.image_size", "data.transform", "data.rrc_scale", "data.hflip", "data.crop_pct"]
+TRAIN_KEYS = ["seed", "data.image_size", "data.transform", "data.rrc_scale", "data.hflip", "data.crop_pct",
+              "distributed.nproc_per_node"]  # DDP keeps BatchNorm statistics per process: another model
 
 Paths = Callable[[Config, str], list[Path]]
 Keys = Callable[[Config, str], list[str]]
@@ -210,14 +211,17 @@ def _dvc_params(keys: list[str], raw: dict) -> list[str]:
     return out
 
 
-def dvc_stage(stage: Stage, cfg: Config, gen: str, raw_params: dict) -> dict[str, Any]:
+def dvc_stage(stage: Stage, cfg: Config, gen: str, raw_params: dict, params_file: str = "params.yaml") -> dict[str, Any]:
+    """The stage's dvc.yaml entry; for a params file other than DVC's default params.yaml, the commands and the
+    params both name it."""
     rel = cfg.rel
-    entry: dict[str, Any] = {"cmd": "nst " + " ".join(stage.argv(gen))}
+    cmd = "nst " + " ".join(stage.argv(gen))
+    entry: dict[str, Any] = {"cmd": cmd if params_file == "params.yaml" else f"{cmd} -p {params_file}"}
     deps = [rel(p) for p in stage.deps(cfg, gen)] + list(stage.code)
     entry["deps"] = deps
     params = _dvc_params(stage.params(cfg, gen), raw_params)
     if params:
-        entry["params"] = params
+        entry["params"] = params if params_file == "params.yaml" else [{params_file: params}]
     entry["outs"] = [rel(p) for p in stage.outs(cfg, gen)]
     if metrics := stage.metrics(cfg, gen):
         entry["metrics"] = [{rel(p): {"cache": False}} for p in metrics]

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from nst.config import load_config, override_args
 from nst.errors import StageError
+from nst.proc import ChildFailed, run_child
 from nst.study import StudyConfig, common_overrides, run_overrides, share_teacher, teacher_overrides, write_report
 
 log = logging.getLogger("nst.study")
@@ -36,10 +36,12 @@ def _run(st: StudyConfig, overrides: dict[str, Any], tags: dict, parent: str | N
     argv += ["--mlflow-parent", parent] if parent else []
     name = f"{tags['arm']}/seed{tags['seed']}"
     log.info("study %s: %s started", st.name, name)
-    p = subprocess.run(argv, capture_output=True, text=True)
-    if p.returncode not in (0, 3):  # 3: finished, tracking incomplete (reported by that run)
-        last = next((ln for ln in reversed(p.stderr.splitlines()) if ln.startswith("error")), p.stderr[-300:])
-        raise StageError(f"study {st.name}: {name} failed: {last}")
+    lines: list[str] = []
+    try:  # a child process that dies with the study (nst.proc)
+        run_child(argv, on_line=lines.append)
+    except ChildFailed as e:
+        if e.returncode != 3:  # 3: finished, tracking incomplete (reported by that run)
+            raise StageError(f"study {st.name}: {name} failed: {e.last_error}") from None
     log.info("study %s: %s finished", st.name, name)
 
 

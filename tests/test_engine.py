@@ -359,3 +359,31 @@ def test_end_to_end_toy_teacher_and_two_generations(tmp_path):
     print("toy e2e:", [(r["generation"], round(r["test_top1"], 3)) for r in rows])
     assert teacher < 0.9, "toy should leave the teacher clearly imperfect"
     assert best_student >= teacher
+
+
+def test_nst_labels_prints_the_per_class_table_and_writes_the_rows(tiny_project, tmp_path, capsys):
+    """What a user opens first when a student disappoints: per class, what its teacher predicted, what the filter
+    dropped, capped and duplicated, the mean confidence and the accuracy against hidden labels; and the rows."""
+    import csv
+
+    from cli.main import main
+    from tasks.filter_balance import FILTER_BALANCE
+
+    cfg = load_config(tiny_project)
+    _prepare_and_teacher(cfg)
+    execute(LABEL, cfg, "g0")
+    execute(FILTER_BALANCE, cfg, "g1")
+    assert main(["labels", "g1", "-p", str(tiny_project), "--csv", str(tmp_path / "rows.csv")]) == 0
+    out = capsys.readouterr().out
+    stats = json.loads((cfg.balanced_dir("g1") / "stats.json").read_text())
+    head = out.splitlines()[2]
+    assert head.split() == ["class", "predicted", "dropped", "capped", "duplicated", "final", "mean", "conf", "acc",
+                            "(hidden", "labels)"]
+    for name, v in stats["per_class"].items():
+        line = next(ln for ln in out.splitlines() if ln.startswith(name + " "))
+        assert line.split()[1:6] == [f"{v[k]:,}" for k in ("predicted", "below_threshold", "capped", "duplicated",
+                                                            "final")]
+    rows = list(csv.DictReader(open(tmp_path / "rows.csv")))
+    assert len(rows) == pq.ParquetFile(cfg.balanced_dir("g1") / "balanced.parquet").metadata.num_rows
+    assert sum(int(r["copies"]) for r in rows) == stats["final"]
+    assert all(r["path"].startswith("data/toy/unlabeled/") and r["pseudo_label"] in stats["per_class"] for r in rows)
