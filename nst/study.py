@@ -166,6 +166,23 @@ def table(st: StudyConfig, rows: list[dict]) -> tuple[str, str]:
     for s in st.seeds:
         md.append(f"| {s} | " + " | ".join(" / ".join(f"{cell[(a, g, s)] * 100:.1f}" if (a, g, s) in cell else "-"
                                                       for a in arms) for g in gens) + " |")
+    extra = [k for k in ("test_ece", "robust/mce", "robust/relative_mce", "robust/mean_flip_rate")
+             if any(r.get(k) is not None for r in rows)]
+    extra += sorted({k for r in rows for k in r if k.startswith(("robust/fgsm_acc", "robust/pgd_acc"))})
+    if any(k.startswith("robust/") for k in extra):  # the robustness suite ran: its numbers per arm and generation
+        md += ["", "Calibration and robustness (mean over seeds; mCE relative to the g0 teacher = 100):", "",
+               "| arm | generation | " + " | ".join(k.removeprefix("robust/") for k in extra) + " |",
+               "|---|---|" + "---|" * len(extra)]
+        for arm in arms:
+            for g in gens:
+                vals = []
+                for k in extra:
+                    v = [r[k] for r in rows if r["arm"] == arm and r["generation"] == g and r.get(k) is not None]
+                    m = statistics.fmean(v) if v else None
+                    pct = k.startswith(("robust/fgsm", "robust/pgd", "robust/mean_flip"))
+                    vals.append("-" if m is None else f"{100 * m:.1f}" if pct else f"{m:.3f}" if k == "test_ece"
+                                else f"{m:.1f}")
+                md.append(f"| {arm} | {g} | " + " | ".join(vals) + " |")
     return "\n".join(md) + "\n", "\n".join(csv) + "\n"
 
 
