@@ -295,19 +295,26 @@ def start_prefect_worker(
     )
 
 
-class FlakyProxy:
-    """An HTTP proxy on 127.0.0.1 in front of a real server that answers `status` (e.g. 503) instead of forwarding
-    the first `times` requests whose path contains `path_part`: a transient server fault, caused for real. Runs
-    in a thread; `stop()` shuts it down."""
+class FaultProxy:
+    """An HTTP proxy on 127.0.0.1 in front of a real server, injecting real faults into the first `times` requests
+    whose path (without query) matches `path_part`: `mode="status"` answers `status` (e.g. 503) instead of
+    forwarding; `mode="cut"` forwards a GET but closes the connection after half of the body (headers promise the
+    full Content-Length): a dropped download. `times` and `failed` may be changed between requests. Runs in a
+    thread; `stop()` shuts it down."""
 
-    def __init__(self, upstream: str, path_part: str, times: int = 1, status: int = 503):
+    def __init__(self, upstream: str, path_part: str, times: int = 1, mode: str = "status", status: int = 503,
+                 exact: bool = False):
         import http.client
         import threading
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
         host, port = upstream.split("://", 1)[1].rstrip("/").split(":")
-        self.hits, self.failed, lock = 0, 0, threading.Lock()
+        self.times, self.hits, self.failed, lock = times, 0, 0, threading.Lock()
         proxy = self
+
+        def matches(path: str) -> bool:
+            path = path.split("?")[0]
+            return path == path_part if exact else path_part in path
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
@@ -317,11 +324,12 @@ class FlakyProxy:
 
             def _forward(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                hit = matches(self.path) and (mode != "cut" or self.command == "GET")
                 with lock:
-                    fail = path_part in self.path and proxy.failed < times
+                    fail = hit and proxy.failed < proxy.times
                     proxy.failed += fail
-                    proxy.hits += path_part in self.path
-                if fail:
+                    proxy.hits += hit
+                if fail and mode == "status":
                     self.send_response(status)
                     self.send_header("Content-Length", "0")
                     self.end_headers()
@@ -338,7 +346,15 @@ class FlakyProxy:
                         self.send_header(k, v)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
-                self.wfile.write(data)
+                if self.command != "HEAD":
+                    self.wfile.write(data[: len(data) // 2] if fail else data)
+                if fail:  # mode "cut"
+                    self.wfile.flush()
+                    self.close_connection = True
+                    try:
+                        self.connection.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
 
             do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = do_PATCH = _forward
 

@@ -11,24 +11,20 @@ Prefect server (tests/conftest.py), stopped by PID there; the fault-injecting S3
 from __future__ import annotations
 
 import hashlib
-import http.client
 import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import yaml
 from conftest import make_tiny_project
-from servers import venv_executable
+from servers import FaultProxy, venv_executable
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -227,65 +223,6 @@ def test_push_to_s3_then_pull_into_an_empty_workspace_gives_identical_files(repr
 
 # ---- nst data pull, end to end over the CLI -----------------------------------------------------------------------
 
-class FaultyS3Proxy:
-    """An HTTP proxy in front of the moto server that cuts the body of the first `fail_times` GETs of `key` in half
-    (headers promise the full Content-Length, then the connection closes): a dropped download, which botocore does
-    not retry but `nst.s3` must. Runs in a thread; `stop()` shuts it down."""
-
-    def __init__(self, upstream: str, bucket: str, key: str, fail_times: int = 1):
-        host, port = upstream.removeprefix("http://").split(":")
-        self.faulty_path, self.fail_times, self.cuts = f"/{bucket}/{key}", fail_times, 0
-        self._lock = threading.Lock()
-        proxy = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *a):  # quiet
-                pass
-
-            def _forward(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
-                conn = http.client.HTTPConnection(host, int(port), timeout=30)
-                conn.request(self.command, self.path, body=body or None, headers=headers)
-                resp = conn.getresponse()
-                data = resp.read()
-                conn.close()
-                cut = False
-                if self.command == "GET" and self.path.split("?")[0] == proxy.faulty_path:
-                    with proxy._lock:
-                        cut = proxy.cuts < proxy.fail_times
-                        proxy.cuts += cut
-                self.send_response(resp.status)
-                for k, v in resp.getheaders():
-                    if k.lower() not in ("connection", "transfer-encoding", "content-length"):
-                        self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(data[: len(data) // 2] if cut else data)
-                if cut:
-                    self.wfile.flush()
-                    self.close_connection = True
-                    try:
-                        self.connection.shutdown(socket.SHUT_RDWR)
-                    except OSError:
-                        pass
-
-            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _forward
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def stop(self):
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(timeout=10)
-
-
 def test_nst_data_pull_cli_retries_a_cut_download_and_skips_on_rerun(moto_s3, s3_bucket, tmp_path):
     from nst.s3 import push_dir
 
@@ -299,12 +236,12 @@ def test_nst_data_pull_cli_retries_a_cut_download_and_skips_on_rerun(moto_s3, s3
     dest = tmp_path / "data" / "raw"
     nst = venv_executable("nst")
 
-    proxy = FaultyS3Proxy(moto_s3.endpoint_url, s3_bucket, f"raw/toy/{victim}", fail_times=1)
+    proxy = FaultProxy(moto_s3.endpoint_url, f"/{s3_bucket}/raw/toy/{victim}", times=1, mode="cut", exact=True)
     try:
         first = run([nst, "data", "pull", f"s3://{s3_bucket}/raw/toy", "--dest", dest, "--endpoint-url", proxy.url],
                     tmp_path)
         counts = json.loads(first.stdout)
-        assert proxy.cuts == 1
+        assert proxy.failed == 1
         assert counts["downloaded"] == len(files) and counts["retries"] == 1 and counts["failed"] == 0, counts
         assert "retry 1/2" in first.stderr  # the log names the retried object
         assert {rel: (dest / rel).read_bytes() for rel in files} == files
@@ -314,7 +251,7 @@ def test_nst_data_pull_cli_retries_a_cut_download_and_skips_on_rerun(moto_s3, s3
         assert again["skipped"] == len(files) and again["downloaded"] == 0, again
 
         # a download that keeps failing: non-zero exit naming the object, no partial file left behind
-        proxy.fail_times, proxy.cuts = 10, 0
+        proxy.times, proxy.failed = 10, 0
         (dest / victim).unlink()
         bad = run([nst, "data", "pull", f"s3://{s3_bucket}/raw/toy", "--dest", dest, "--endpoint-url", proxy.url],
                   tmp_path, check=False)

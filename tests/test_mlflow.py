@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import make_tiny_project
-from servers import FlakyProxy, free_port
+from servers import FaultProxy, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -275,7 +275,7 @@ def test_a_503_is_retried_by_mlflow_and_a_lost_generation_is_reported(mlflow_ser
 
     from cli.main import main
 
-    proxy = FlakyProxy(mlflow_server.url, "/runs/create", times=1, status=503)
+    proxy = FaultProxy(mlflow_server.url, "/runs/create", times=1, status=503)
     real = MlflowClient.log_figure
 
     def g0_figures_fail(self, run_id, *a, **k):  # a fault we cannot cause for real: one generation's upload

@@ -1,0 +1,155 @@
+"""The README's two screenshots, taken with headless Chromium against the real servers:
+
+1. the Prefect UI's flow-run graph of a pipeline run (model subflows, mapped label shard groups), from a Prefect
+   server started here and a short toy run against it;
+2. MLflow's view of a study's comparison chart (the study run's artifact), from `mlflow server` on the study's
+   tracking store.
+
+    .venv/bin/python experiments/screenshots.py --study experiments/digits-3-noise.yaml   # after `nst study` ran
+
+Needs Debian's `chromium` (apt-get install chromium). Every server started here is stopped by PID at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--hide-scrollbars", "--force-device-scale-factor=1"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 180) -> None:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            opener.open(url, timeout=5).read()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)
+
+
+def start(cmd: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen(cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                            cwd=ROOT)
+
+
+def stop(p: subprocess.Popen) -> None:
+    if p.poll() is None:
+        os.killpg(p.pid, signal.SIGTERM)
+        try:
+            p.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+
+
+def shoot(url: str, out: Path, size: str = "1600,1000", budget_ms: int = 30000) -> None:
+    chrome = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chrome is None:
+        raise SystemExit("chromium not found (apt-get install chromium)")
+    with tempfile.TemporaryDirectory() as profile:
+        subprocess.run([chrome, *CHROME_FLAGS, f"--user-data-dir={profile}", f"--window-size={size}",
+                        f"--virtual-time-budget={budget_ms}", f"--screenshot={out}", url], check=True,
+                       capture_output=True, timeout=300)
+    print(f"{out}: {url}")
+
+
+def prefect_shot(work: Path, out: Path) -> None:
+    port = free_port()
+    env = {**os.environ, "PREFECT_HOME": str(work / "prefect-home"), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "PREFECT_UI_API_URL":
+           f"http://127.0.0.1:{port}/api"}
+    server = start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                   work / "prefect.log", env)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/api/health")
+        proj = work / "toy"
+        proj.mkdir()
+        shutil.copy(ROOT / "params.yaml", proj / "params.yaml")
+        over = ["-S", "teacher.epochs=20", "-S", "generations.0.student.epochs=4", "-S",
+                "generations.1.student.epochs=4", "-S", "tracking.enabled=false", "-S", "pseudo_label.shard_size=300"]
+        subprocess.run([sys.executable, "-m", "cli", "run", "-p", str(proj / "params.yaml"), *over], env=env,
+                       check=True, cwd=work, capture_output=True, timeout=1200)
+        from prefect.client.orchestration import get_client
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}):
+            with get_client(sync_client=True) as client:
+                runs = [r for r in client.read_flow_runs() if r.parent_task_run_id is None
+                        and r.parameters.get("params_path", "").endswith("toy/params.yaml")]
+                flow_run = runs[0]
+        shoot(f"http://127.0.0.1:{port}/runs/flow-run/{flow_run.id}", out, size="1600,1100", budget_ms=45000)
+    finally:
+        stop(server)
+
+
+def mlflow_shot(study_file: Path, out: Path, work: Path) -> None:
+    sys.path.insert(0, str(ROOT))
+    from mlflow import MlflowClient
+
+    from nst.config import load_config
+    from nst.study import common_overrides, load_study
+    from nst.tracking import tracking_uri
+
+    st = load_study(study_file)
+    uri = tracking_uri(load_config(st.params, common_overrides(st)))
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(load_config(st.params, common_overrides(st)).tracking.experiment)
+    run = client.search_runs([exp.experiment_id], f"tags.kind = 'study' and tags.study = '{st.name}'",
+                             order_by=["attributes.start_time DESC"], max_results=1)[0]
+    port = free_port()
+    server = start([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--backend-store-uri",
+                    uri, "--workers", "1"], work / "mlflow.log",
+                   {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health")
+        url = (f"http://127.0.0.1:{port}/#/experiments/{exp.experiment_id}/runs/{run.info.run_id}/artifacts/"
+               f"report/{st.name}.png")
+        shoot(url, out, size="1600,1000", budget_ms=30000)
+    finally:
+        stop(server)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--study", default="experiments/digits-3-noise.yaml")
+    ap.add_argument("--out", default="docs")
+    ap.add_argument("--only", choices=["prefect", "mlflow"], default=None)
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="nst-shots-"))
+    try:
+        if args.only in (None, "prefect"):
+            prefect_shot(work, ROOT / args.out / "prefect-flow-run.png")
+        if args.only in (None, "mlflow"):
+            mlflow_shot(ROOT / args.study, ROOT / args.out / "mlflow-study.png", work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps({"ok": True}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
