@@ -35,14 +35,18 @@ class EncodedFiles(Dataset):
         return eval_resize(img, self.cfg.image_size, self.cfg.transform, self.cfg.crop_pct), False
 
 
-@torch.inference_mode()
 def predict_logits_gpu_decode(model, paths: list[str], data_cfg, device: torch.device, batch_size: int, workers: int,
                               *, amp: bool, channels_last: bool) -> torch.Tensor:
+    model.eval()
+    if channels_last:  # before inference mode (see nst.train.predict_logits)
+        model.to(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        return _predict(model, paths, data_cfg, device, batch_size, workers, amp, channels_last)
+
+
+def _predict(model, paths, data_cfg, device, batch_size, workers, amp, channels_last) -> torch.Tensor:
     import torchvision.io as tvio
 
-    model.eval()
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
     loader = DataLoader(EncodedFiles(paths, data_cfg), batch_size=batch_size, num_workers=workers,
                         collate_fn=lambda b: b, persistent_workers=False, prefetch_factor=4 if workers else None)
     out = []

@@ -270,7 +270,6 @@ def fit(
     return final
 
 
-@torch.inference_mode()
 def validate(model, ds: ImageDataset, labels: torch.Tensor, device: torch.device, *, workers: int = 0,
              amp: bool = False, channels_last: bool = False, dist: Dist = Dist()) -> dict[str, float]:
     """Loss and accuracy on a labeled set; under DDP each rank takes every world-th image and the sums meet."""
@@ -278,24 +277,27 @@ def validate(model, ds: ImageDataset, labels: torch.Tensor, device: torch.device
     logits = predict_logits(model, torch.utils.data.Subset(ds, idx), device, workers=workers, amp=amp,
                             channels_last=channels_last)
     y = labels[idx]
-    loss_sum = F.cross_entropy(logits, y, reduction="sum").item() if len(idx) else 0.0
+    with torch.no_grad():
+        loss_sum = F.cross_entropy(logits, y, reduction="sum").item() if len(idx) else 0.0
     correct = (logits.argmax(1) == y).sum().item() if len(idx) else 0
     loss_sum, correct, n = dist.all_sum([loss_sum, float(correct), float(len(idx))], device)
     return {"val_loss": loss_sum / max(1.0, n), "val_acc": correct / max(1.0, n)}
 
 
-@torch.inference_mode()
 def predict_logits(model: torch.nn.Module, ds, device: torch.device, batch_size: int = 256, workers: int = 0,
                    amp: bool = False, channels_last: bool = False) -> torch.Tensor:
-    """Logits of an un-noised model (eval mode, clean images), in dataset order."""
+    """Logits of an un-noised model (eval mode, clean images), in dataset order. The model is laid out NHWC before
+    inference mode starts: parameters converted inside it would become inference tensors, unusable for the
+    gradients of the robustness suite's attacks or the EMA's in-place updates."""
     model.eval()
     if channels_last:
         model.to(memory_format=torch.channels_last)
     out = []
     loader = make_loader(ds, batch_size=batch_size, workers=workers, pin=device.type == "cuda", persistent=False)
     use_amp = amp and device.type == "cuda"
-    for x, _ in loader:
-        x = to_device(x, device, channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            out.append(model(x).float().cpu())
+    with torch.inference_mode():
+        for x, _ in loader:
+            x = to_device(x, device, channels_last)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                out.append(model(x).float().cpu())
     return torch.cat(out) if out else torch.empty(0)

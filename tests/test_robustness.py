@@ -273,3 +273,21 @@ def test_report_on_cuda_matches_cpu_keys(trained):
     net.cpu()
     assert set(gpu.metrics) == set(cpu.metrics) and gpu.metrics["robust/mce"] == 100.0
     assert gpu.metrics["robust/clean_error"] == pytest.approx(cpu.metrics["robust/clean_error"], abs=0.02)
+
+
+def test_evaluate_with_the_robustness_suite_runs_on_a_trained_model(tiny_project):
+    """The stage end to end with robustness on: attacks need gradients through a model that evaluation laid out
+    NHWC (it must not become inference tensors)."""
+    from nst.config import load_config
+    from tasks.evaluate import EVALUATE
+    from tasks.prepare import PREPARE
+    from tasks.spec import execute
+    from tasks.train import TRAIN_TEACHER
+
+    cfg = load_config(tiny_project, ["robustness.enabled=true", "robustness.subset=20", "robustness.adversarial_subset=8",
+                                     "robustness.corruptions=[gaussian_noise]", "robustness.severities=[1]",
+                                     "robustness.pgd_steps=2"])
+    execute(PREPARE, cfg)
+    execute(TRAIN_TEACHER, cfg, "g0")
+    m = execute(EVALUATE, cfg, "g0")["metrics"]
+    assert m["robust/mce"] == pytest.approx(100.0) and any(k.startswith("robust/pgd_acc") for k in m)
