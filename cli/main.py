@@ -268,9 +268,9 @@ def cmd_labels(args) -> None:
 
 def cmd_compare(args) -> None:
     from nst.io import atomic_write_text
-    from nst.report import markdown_table, text_table, write_csv
+    from nst.report import compare_rows, markdown_table, text_table, write_csv
     from nst.secrets import redact
-    from nst.tracking import compare_rows, tracking_uri
+    from nst.tracking import tracking_uri
 
     cfg = _cfg(args, check_models=False)
     from mlflow.exceptions import MlflowException

@@ -13,7 +13,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.noisy_student import noisy_student
 from nst.config import load_config
-from nst.study import common_overrides, load_study, share_teacher, write_report
+from nst.study import common_overrides, finish_study, load_study, share_teacher, start_study, write_report
 from tasks.study import jobs_for, plan
 
 
@@ -47,11 +47,9 @@ def study_flow(config_path: str, jobs: int | None = None) -> dict:
     """The paper's comparisons from one study file (see experiments/*.yaml)."""
     from prefect.artifacts import create_markdown_artifact
 
-    from nst import tracking
-
     st = load_study(config_path)
     cfg = load_config(st.params, common_overrides(st))
-    parent = tracking.start_study(cfg, st)
+    parent = start_study(cfg, st)
     teachers, arms = plan(st)
     threads = max(1, (os.cpu_count() or 1) // jobs_for(st, jobs))
     status, report = "FAILED", {}
@@ -76,4 +74,4 @@ def study_flow(config_path: str, jobs: int | None = None) -> dict:
         status = "FINISHED"
         return {k: str(v) for k, v in report.items()}
     finally:
-        tracking.finish_study(cfg, parent, report, status)
+        finish_study(cfg, parent, report, status)

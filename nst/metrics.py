@@ -106,3 +106,24 @@ def reliability_diagram(probs: Any, labels: Any, path: str | os.PathLike, n_bins
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     return str(path)
+
+
+def training_curves(history: list[dict], title: str):
+    """Loss and accuracy per epoch, a matplotlib Figure (no pyplot state) for MLflow's log_figure."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9, 3.6), dpi=100)
+    ax1, ax2 = fig.subplots(1, 2)
+    ep = [r["epoch"] for r in history]
+    for key in ("train_loss", "train_loss_labeled", "train_loss_unlabeled", "val_loss"):
+        if any(key in r for r in history):
+            ax1.plot(ep, [r.get(key) for r in history], marker=".", label=key)
+    for key in ("train_acc", "val_acc"):
+        if any(key in r for r in history):
+            ax2.plot(ep, [r.get(key) for r in history], marker=".", label=key)
+    ax1.set(xlabel="epoch", ylabel="loss", title=f"{title}: loss")
+    ax2.set(xlabel="epoch", ylabel="accuracy", ylim=(0, 1), title=f"{title}: accuracy")
+    for ax in (ax1, ax2):
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from nst.checkpoint import is_complete, read_meta
-from nst.config import Config
+from nst.config import Config, ConfigError
 from nst.io import atomic_write_json, atomic_write_text, read_json
 
 COLUMNS = ["generation", "role", "model", "params", "test_top1", "delta_vs_teacher", "test_ece", "kept_fraction"]
@@ -180,3 +180,35 @@ def summary_markdown(cfg: Config, gen: str) -> str:
             lines.append(f"| {c} | {v['predicted']} | {v['below_threshold']} | {v['unique']} | {v['capped']} "
                          f"| {v['duplicated']} | {v['final']} |")
     return "\n".join(lines) + "\n"
+
+
+def compare_rows(cfg: Config, run_id: str | None = None):
+    """(parent run, generation rows) read back from the tracking server, in the columns of `nst.report`."""
+    from nst.secrets import redact
+    from nst.tracking import _client, tracking_uri
+
+    client = _client(cfg)
+    if run_id:
+        parent = client.get_run(run_id)
+    else:
+        exp = client.get_experiment_by_name(cfg.tracking.experiment)
+        runs = client.search_runs([exp.experiment_id], "tags.kind = 'pipeline'", max_results=1,
+                                  order_by=["attributes.start_time DESC"]) if exp else []
+        if not runs:
+            raise ConfigError(f"no pipeline runs in experiment {cfg.tracking.experiment!r} at {redact(tracking_uri(cfg))}")
+        parent = runs[0]
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
+                                  max_results=1000)
+    rows, prev = [], None
+    for r in sorted(children, key=lambda r: int(r.data.tags.get("generation", "g0")[1:])):
+        m, t = r.data.metrics, r.data.tags
+        top1 = m.get("test/top1")
+        rows.append({"generation": t.get("generation"), "role": t.get("role"), "model": t.get("model"),
+                     "params": int(m["model/params"]) if "model/params" in m else None, "test_top1": top1,
+                     "delta_vs_teacher": top1 - prev["test/top1"] if prev and top1 is not None
+                     and "test/top1" in prev else None,
+                     "test_ece": m.get("test/ece"),
+                     "kept_fraction": prev.get("labeler/kept_fraction") if prev else None,
+                     "run_id": r.info.run_id, "status": r.info.status, **robust_summary(m)})
+        prev = m
+    return parent, rows

@@ -20,6 +20,7 @@ from pydantic import Field, ValidationError, field_validator
 
 from nst.config import ConfigError, _format_errors, _Strict, load_config
 from nst.io import atomic_path, atomic_write_json, atomic_write_text, read_json
+from nst.tracking import _client, _experiment_id, _git, _guarded, _params
 
 
 class StudyConfig(_Strict):
@@ -221,3 +222,26 @@ def write_report(st: StudyConfig) -> dict[str, Path]:
         figure(st, rows).savefig(tmp, format="png")
     paths["png"] = out / f"{st.name}.png"
     return paths
+
+
+# ---- tracking: the study's parent run -------------------------------------------------------------------
+
+@_guarded("start_study")
+def start_study(cfg, study: StudyConfig) -> str:
+    """The parent run of a study; each (arm, seed) pipeline run is its child, tagged arm and seed."""
+    client = _client(cfg)
+    tags = {"kind": "study", "study": study.name, "mlflow.source.name": "nst study"} | _git(cfg.root)
+    run = client.create_run(_experiment_id(client, cfg), tags=tags, run_name=f"study-{study.name}")
+    client.log_batch(run.info.run_id, params=_params({"study": {"seeds": study.seeds, "arms": study.arms,
+                                                                "overrides": study.overrides}}))
+    return run.info.run_id
+
+
+@_guarded("finish_study")
+def finish_study(cfg, run_id: str | None, report: dict, status: str = "FINISHED") -> None:
+    if run_id is None:
+        return
+    client = _client(cfg)
+    for p in report.values():
+        client.log_artifact(run_id, str(p), "report")
+    client.set_terminated(run_id, status)

@@ -1,18 +1,11 @@
-"""MLflow tracking: one parent run per pipeline run, one child run per generation, one registered model.
+"""MLflow tracking: a parent run per pipeline run, a child run per generation, one registered model.
 
-Tracking reads what the stages wrote and never computes: no model is run here except to hand it to
-`mlflow.pytorch.log_model`. A child run is opened just before its model trains (so its start time is the
-training's); the training process logs each epoch to it while it trains (`epoch_logger`, rank 0 only), and
-`finish_generation` completes the same run from the files: test metrics, per-class accuracy, labeler statistics
-(from the model's own label shards, `gN/labels/stats.json`), epochs the live logging missed, artifacts, the
-model, its registered version and the `champion` alias. Every child has the same metric keys (students add
-`train/loss_unlabeled`; docs/mlflow.md).
-
-Where: `tracking.tracking_uri` > `$MLFLOW_TRACKING_URI` > `sqlite:///<out_dir>/mlflow.db` (artifacts next to it).
-Credentials in a URI move to MLflow's basic-auth variables and never appear in what we write. A tracking outage
-never fails training: MLflow's own HTTP retries (bounded here) are the only retry layer; a failed operation is a
-warning and an entry in `<out_dir>/tracking_errors.json`, the run summary says "tracking incomplete", and
-`nst track` logs the finished outputs later.
+It reads what the stages wrote and never computes (no model runs here but to hand it to `log_model`). A child run
+is opened just before its model trains; the training process logs each epoch to it live (`epoch_logger`); then
+`finish_generation` completes the same run from the files (docs/mlflow.md has the keys). Where:
+`tracking.tracking_uri` > `$MLFLOW_TRACKING_URI` > `sqlite:///<out_dir>/mlflow.db`. An outage never fails
+training: MLflow's own HTTP retries (bounded) are the only retry layer; a failure is a warning and an entry in
+`<out_dir>/tracking_errors.json`, the run ends "tracking incomplete", and `nst track` logs the outputs later.
 """
 
 from __future__ import annotations
@@ -275,26 +268,6 @@ def _logged_steps(client, run_id: str) -> dict[str, set[int]]:
     return {key: {m.step for m in client.get_metric_history(run_id, key)} for key in EPOCH_KEYS.values()}
 
 
-def _curves(history: list[dict], title: str):
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(9, 3.6), dpi=100)
-    ax1, ax2 = fig.subplots(1, 2)
-    ep = [r["epoch"] for r in history]
-    for key in ("train_loss", "train_loss_labeled", "train_loss_unlabeled", "val_loss"):
-        if any(key in r for r in history):
-            ax1.plot(ep, [r.get(key) for r in history], marker=".", label=key)
-    for key in ("train_acc", "val_acc"):
-        if any(key in r for r in history):
-            ax2.plot(ep, [r.get(key) for r in history], marker=".", label=key)
-    ax1.set(xlabel="epoch", ylabel="loss", title=f"{title}: loss")
-    ax2.set(xlabel="epoch", ylabel="accuracy", ylim=(0, 1), title=f"{title}: accuracy")
-    for ax in (ax1, ax2):
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    return fig
-
-
 def finish_generation(cfg: Config, gen: str, run_id: str | None) -> str | None:
     """Complete `gen`'s run from its files (trained, evaluated, labelled), register its model, end the run. A run
     that cannot be completed is marked FAILED and tagged `tracking_incomplete` (and the failure reported)."""
@@ -315,6 +288,7 @@ def _finish_generation(cfg: Config, gen: str, run_id: str) -> str:
     from mlflow.entities import Metric
 
     from nst.checkpoint import read_meta
+    from nst.metrics import training_curves
 
     client, now = _client(cfg), int(time.time() * 1000)
     mdir, edir = cfg.model_dir(gen), cfg.eval_dir(gen)
@@ -337,7 +311,7 @@ def _finish_generation(cfg: Config, gen: str, run_id: str) -> str:
     client.log_dict(run_id, used, "eval/class_keys.json")
     client.log_dict(run_id, read_json(mdir / "config.json"), "config/effective_config.json")
     client.log_dict(run_id, history, "eval/history.json")
-    client.log_figure(run_id, _curves(history, f"{gen} {meta['model']}"), "plots/training_curves.png")
+    client.log_figure(run_id, training_curves(history, f"{gen} {meta['model']}"), "plots/training_curves.png")
     for name in ("confusion.png", "reliability.png"):
         if (edir / name).is_file():
             client.log_artifact(run_id, str(edir / name), "plots")
@@ -460,57 +434,3 @@ def track_finished(cfg: Config, *, flow_run_id: str | None = None) -> str | None
         prev = finish_generation(cfg, gen, open_generation(cfg, gen, parent, prev))
     finish_pipeline(cfg, parent, "FINISHED")
     return parent
-
-
-def compare_rows(cfg: Config, run_id: str | None = None) -> tuple[Any, list[dict]]:
-    """(parent run, generation rows) read back from the tracking server, in the columns of `nst.report`."""
-    from nst.report import robust_summary
-
-    client = _client(cfg)
-    if run_id:
-        parent = client.get_run(run_id)
-    else:
-        exp = client.get_experiment_by_name(cfg.tracking.experiment)
-        runs = client.search_runs([exp.experiment_id], "tags.kind = 'pipeline'", max_results=1,
-                                  order_by=["attributes.start_time DESC"]) if exp else []
-        if not runs:
-            raise ValueError(f"no pipeline runs in experiment {cfg.tracking.experiment!r} at {redact(tracking_uri(cfg))}")
-        parent = runs[0]
-    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
-                                  max_results=1000)
-    rows, prev = [], None
-    for r in sorted(children, key=lambda r: int(r.data.tags.get("generation", "g0")[1:])):
-        m, t = r.data.metrics, r.data.tags
-        top1 = m.get("test/top1")
-        rows.append({"generation": t.get("generation"), "role": t.get("role"), "model": t.get("model"),
-                     "params": int(m["model/params"]) if "model/params" in m else None, "test_top1": top1,
-                     "delta_vs_teacher": top1 - prev["test/top1"] if prev and top1 is not None
-                     and "test/top1" in prev else None,
-                     "test_ece": m.get("test/ece"),
-                     "kept_fraction": prev.get("labeler/kept_fraction") if prev else None,
-                     "run_id": r.info.run_id, "status": r.info.status, **robust_summary(m)})
-        prev = m
-    return parent, rows
-
-
-# ---- studies ----------------------------------------------------------------------------------------------------
-
-@_guarded("start_study")
-def start_study(cfg: Config, study) -> str:
-    """The parent run of a study; each (arm, seed) pipeline run is its child, tagged arm and seed."""
-    client = _client(cfg)
-    tags = {"kind": "study", "study": study.name, "mlflow.source.name": "nst study"} | _git(cfg.root)
-    run = client.create_run(_experiment_id(client, cfg), tags=tags, run_name=f"study-{study.name}")
-    client.log_batch(run.info.run_id, params=_params({"study": {"seeds": study.seeds, "arms": study.arms,
-                                                                "overrides": study.overrides}}))
-    return run.info.run_id
-
-
-@_guarded("finish_study")
-def finish_study(cfg: Config, run_id: str | None, report: dict, status: str = "FINISHED") -> None:
-    if run_id is None:
-        return
-    client = _client(cfg)
-    for p in report.values():
-        client.log_artifact(run_id, str(p), "report")
-    client.set_terminated(run_id, status)

@@ -12,7 +12,8 @@ from typing import Any
 from nst.config import load_config, override_args
 from nst.errors import StageError
 from nst.proc import ChildFailed, run_child
-from nst.study import StudyConfig, common_overrides, run_overrides, share_teacher, teacher_overrides, write_report
+from nst.study import (StudyConfig, common_overrides, finish_study, run_overrides, share_teacher, start_study,
+                       teacher_overrides, write_report)
 
 log = logging.getLogger("nst.study")
 
@@ -46,12 +47,10 @@ def _run(st: StudyConfig, overrides: dict[str, Any], tags: dict, parent: str | N
 
 
 def run_study_direct(st: StudyConfig, jobs: int | None = None) -> dict:
-    from nst import tracking
-
     cfg = load_config(st.params, common_overrides(st))
     n = jobs_for(st, jobs)
     threads = max(1, (os.cpu_count() or 1) // n)
-    parent = tracking.start_study(cfg, st)
+    parent = start_study(cfg, st)
     teachers, arms = plan(st)
     status, report = "FAILED", {}
     try:
@@ -68,4 +67,4 @@ def run_study_direct(st: StudyConfig, jobs: int | None = None) -> dict:
         status = "FINISHED"
         return report
     finally:
-        tracking.finish_study(cfg, parent, report, status)
+        finish_study(cfg, parent, report, status)

@@ -78,15 +78,18 @@ def _fit(cfg: Config, gen: str, role: str, fingerprint: str, **kw) -> dict:
     if init is not None:
         teacher, _ = load_model(init)
         model.load_state_dict(teacher.state_dict())
+    live = epoch_logger(cfg, gen) if dist.main else None
     if dist.main:
         _timing(cfg, gen, start=time.time())
     meta = fit(model=model, cfg=tc, out_dir=cfg.model_dir(gen), labeled=ds, labels=labels, device=device,
                seed=cfg.seed if gen == "g0" else cfg.seed + 1000 * cfg.generation(gen).index,
                fingerprint=fingerprint, meta=_meta(cfg, gen, role, classes), val=val[0] if val else None,
                val_labels=val[1] if val else None, workers=cfg.data.num_workers, dist=dist,
-               on_epoch=epoch_logger(cfg, gen) if dist.main else None, **kw)
+               on_epoch=live, **kw)
     if dist.main:
         _timing(cfg, gen, end=time.time())
+    if live is not None:
+        live.close()  # the last epochs reach the run before the stage ends (bounded wait)
     return {"model": meta["model"], "params": meta["params"], "best_epoch": meta["best_epoch"],
             "metrics": {"best_val_acc": meta["best_val_acc"]} if meta["best_val_acc"] is not None else {}}
 

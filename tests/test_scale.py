@@ -21,7 +21,7 @@ import yaml
 
 from conftest import make_tiny_project
 from nst.config import load_config
-from servers import free_port, prefect_env  # noqa: F401
+from servers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
