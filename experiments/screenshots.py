@@ -98,10 +98,13 @@ def prefect_shot(work: Path, out: Path) -> None:
 
         with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}):
             with get_client(sync_client=True) as client:
-                runs = [r for r in client.read_flow_runs() if r.parent_task_run_id is None
-                        and r.parameters.get("params_path", "").endswith("toy/params.yaml")]
-                flow_run = runs[0]
-        shoot(f"http://127.0.0.1:{port}/runs/flow-run/{flow_run.id}", out, size="1600,1100", budget_ms=45000)
+                runs = client.read_flow_runs()
+                flow_run = next(r for r in runs if r.parent_task_run_id is None
+                                and r.parameters.get("params_path", "").endswith("toy/params.yaml"))
+                g1 = next(r for r in runs if r.name == "g1/generation")
+        shoot(f"http://127.0.0.1:{port}/runs/flow-run/{flow_run.id}", out, size="1600,900", budget_ms=45000)
+        shoot(f"http://127.0.0.1:{port}/runs/flow-run/{g1.id}", out.with_name(out.stem + "-g1.png"), size="1600,900",
+              budget_ms=45000)
     finally:
         stop(server)
 
@@ -120,6 +123,7 @@ def mlflow_shot(study_file: Path, out: Path, work: Path) -> None:
     exp = client.get_experiment_by_name(load_config(st.params, common_overrides(st)).tracking.experiment)
     run = client.search_runs([exp.experiment_id], f"tags.kind = 'study' and tags.study = '{st.name}'",
                              order_by=["attributes.start_time DESC"], max_results=1)[0]
+    client.set_experiment_tag(exp.experiment_id, "mlflow.experimentKind", "custom_model_development")
     port = free_port()
     server = start([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--backend-store-uri",
                     uri, "--workers", "1"], work / "mlflow.log",
@@ -127,8 +131,12 @@ def mlflow_shot(study_file: Path, out: Path, work: Path) -> None:
     try:
         wait_http(f"http://127.0.0.1:{port}/health")
         url = (f"http://127.0.0.1:{port}/#/experiments/{exp.experiment_id}/runs/{run.info.run_id}/artifacts/"
-               f"report/{st.name}.png")
+               f"report/{st.name}.png?workflowType=machine_learning")  # the UI's model-training layout
         shoot(url, out, size="1600,1000", budget_ms=30000)
+        from PIL import Image
+
+        with Image.open(out) as im:  # without MLflow's assistant side panel (it opens by default)
+            im.crop((0, 0, 1190, 760)).save(out)
     finally:
         stop(server)
 

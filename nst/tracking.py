@@ -135,8 +135,9 @@ def _experiment_id(client, cfg: Config) -> str:
         return exp.experiment_id
     uri = tracking_uri(cfg)
     loc = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri() if uri.startswith("sqlite") else None
-    try:
-        return client.create_experiment(cfg.tracking.experiment, artifact_location=loc)
+    try:  # a model-training experiment (MLflow's UI otherwise opens it in its GenAI layout)
+        return client.create_experiment(cfg.tracking.experiment, artifact_location=loc,
+                                        tags={"mlflow.experimentKind": "custom_model_development"})
     except Exception:  # noqa: BLE001 - created meanwhile by another process
         exp = client.get_experiment_by_name(cfg.tracking.experiment)
         if exp is None:
