@@ -387,3 +387,37 @@ def test_nst_labels_prints_the_per_class_table_and_writes_the_rows(tiny_project,
     assert len(rows) == pq.ParquetFile(cfg.balanced_dir("g1") / "balanced.parquet").metadata.num_rows
     assert sum(int(r["copies"]) for r in rows) == stats["final"]
     assert all(r["path"].startswith("data/toy/unlabeled/") and r["pseudo_label"] in stats["per_class"] for r in rows)
+
+
+def test_progress_is_a_bar_in_a_terminal_and_plain_lines_elsewhere(tmp_path):
+    """Interactive: a rich bar with rate and ETA; not a TTY (CI, Prefect logs, files): periodic plain log lines."""
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    code = ("import logging, time\nlogging.basicConfig(level=logging.INFO, format='%(message)s')\n"
+            "from nst.progress import Progress\n"
+            "with Progress('g1/label', total=40, unit='img') as p:\n"
+            "    for _ in range(4):\n        time.sleep(0.05); p.advance(10, loss=0.5)\n")
+    env = {**os.environ, "NST_PROGRESS_EVERY_S": "0", "TERM": "xterm", "COLUMNS": "120"}
+    plain = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    lines = plain.stderr.strip().splitlines()
+    assert len(lines) == 4 and lines[-1].startswith("g1/label: 40/40 img (") and "img/s" in lines[-1], lines
+    assert "ETA" in lines[0] and "\r" not in plain.stderr
+
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: stderr is a terminal
+        os.execve(sys.executable, [sys.executable, "-c", code], env)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.waitpid(pid, 0)
+    text = out.decode(errors="replace")
+    assert "g1/label" in text and "img/s" in text and "━" in text, text[-500:]
