@@ -89,10 +89,30 @@ def _save_png(img: Image.Image, path: Path) -> None:
 
 
 MARKER = "dataset.json"
+PARTIAL = ".nst-partial"
+KINDS = ("toy", "digits")
 
 
 def _ours(folder: Path) -> bool:
-    return (folder / MARKER).is_file()
+    """Made by this module: its marker holds one of our specs. `dataset.json` alone is a common name (nnU-Net and
+    the Medical Segmentation Decathlon put one at a dataset's root), so the name proves nothing."""
+    import json
+
+    try:
+        spec = json.loads((folder / MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(spec, dict) and spec.get("kind") in KINDS and "seed" in spec
+
+
+def _remove(folder: Path, marker: str) -> None:
+    """Delete a folder of ours with its marker last, so a crash midway leaves it still marked ours (the next
+    build deletes it) rather than half a folder nobody may touch."""
+    for child in folder.iterdir():
+        if child.name != marker:
+            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+    (folder / marker).unlink()
+    folder.rmdir()
 
 
 def _lock_file(out: Path) -> Path:
@@ -118,21 +138,27 @@ def _build(out: Path, spec: dict, force: bool, write: Callable[[Path], None]) ->
     with file_lock(_lock_file(out)):
         if _up_to_date(out, spec) and not force:
             return out
-        tmp = out.with_name(f".{out.name}.partial")
-        if tmp.exists():
-            if not (tmp / ".nst-partial").is_file():
-                raise DataError(f"{tmp}: exists and was not made by `nst data`; refusing to delete it")
-            shutil.rmtree(tmp)
+        tmp, old = out.with_name(f".{out.name}.partial"), out.with_name(f".{out.name}.old")
+        for leftover in (tmp, old):  # of a build that crashed
+            if leftover.exists():
+                if (leftover / PARTIAL).is_file():
+                    _remove(leftover, PARTIAL)
+                elif _ours(leftover):
+                    _remove(leftover, MARKER)
+                else:
+                    raise DataError(f"{leftover}: exists and was not made by `nst data`; refusing to delete it")
         tmp.mkdir(parents=True)
-        (tmp / ".nst-partial").touch()
+        (tmp / PARTIAL).touch()
         write(tmp)
-        (tmp / ".nst-partial").unlink()
         atomic_write_json(tmp / MARKER, spec)
+        (tmp / PARTIAL).unlink()
         if out.exists():
             if not _ours(out) and any(out.iterdir()):  # appeared meanwhile: still never delete foreign data
                 raise DataError(f"{out}: exists and was not made by `nst data`; refusing to overwrite it")
-            shutil.rmtree(out)
+            out.rename(old)  # the swap is two renames; the old copy is deleted after it, marker last
         tmp.rename(out)
+        if old.exists():
+            _remove(old, MARKER) if _ours(old) else old.rmdir()
     return out
 
 

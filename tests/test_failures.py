@@ -19,6 +19,7 @@ import yaml
 from cli.main import main
 from conftest import make_tiny_project
 from nst.config import load_config
+from nst.errors import DataError
 from tasks.prepare import PREPARE
 from tasks.spec import execute, fingerprint
 from tasks.train import TRAIN_TEACHER
@@ -74,6 +75,40 @@ def test_a_builtin_set_never_overwrites_a_folder_it_did_not_make(tmp_path, capsy
     err = _err(capsys)
     assert "data/toy: exists and was not made by `nst data` (no dataset.json); refusing to overwrite it" in err
     assert {k: v for k, v in _tree(project).items() if not k.startswith("outputs/")} == before
+
+
+
+def test_a_foreign_dataset_json_does_not_make_a_folder_ours(tmp_path):
+    """nnU-Net and the Decathlon put a dataset.json at a dataset's root: only a spec we write marks a folder ours."""
+    from nst.datasets import make_toy
+
+    folder = tmp_path / "Dataset001_Heart"
+    (folder / "imagesTr").mkdir(parents=True)
+    (folder / "imagesTr" / "la_003.nii.gz").write_bytes(b"scan")
+    (folder / "dataset.json").write_text('{"channel_names": {"0": "MRI"}, "labels": {"background": 0}, '
+                                         '"numTraining": 20, "file_ending": ".nii.gz"}')
+    before = _tree(folder)
+    with pytest.raises(DataError, match="Dataset001_Heart: exists and was not made by `nst data`"):
+        make_toy(folder, labeled_per_class=1, val_per_class=1, unlabeled_per_class=1, test_per_class=1)
+    assert _tree(folder) == before
+
+
+def test_a_build_killed_while_swapping_folders_is_cleaned_up_by_the_next(tmp_path):
+    """Crash leftovers of our own (a temp folder, the old copy half deleted, marker still there) are deleted by
+    the next build; the set it writes equals a clean build's."""
+    from nst.datasets import make_toy
+
+    small = dict(labeled_per_class=1, val_per_class=1, unlabeled_per_class=2, test_per_class=1)
+    clean = _tree(make_toy(tmp_path / "clean" / "toy", **small))
+    out = tmp_path / "data" / "toy"
+    make_toy(out, **{**small, "seed": 1})
+    (tmp_path / "data" / ".toy.old").mkdir()
+    (out / "dataset.json").rename(tmp_path / "data" / ".toy.old" / "dataset.json")  # old copy: only its marker
+    shutil.copytree(out, tmp_path / "data" / ".toy.partial")
+    (tmp_path / "data" / ".toy.partial" / ".nst-partial").touch()  # a temp folder never finished
+    shutil.copy(tmp_path / "data" / ".toy.old" / "dataset.json", out / "dataset.json")
+    assert _tree(make_toy(out, **small)) == clean
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["toy"]
 
 
 # ---- 2. changed pixels re-run exactly what depends on them -------------------------------------------------------
