@@ -56,6 +56,18 @@ def generate(shard_dir: Path, rows: int, classes: int, top_k: int, shard_rows: i
     return paths
 
 
+WORKDIR_MARKER = ".nst-bench-labels"
+
+
+def claim_workdir(work: Path) -> None:
+    """The benchmark deletes and rewrites folders inside --workdir, so it only works in a new or empty folder, or
+    one it marked as its own on an earlier run: a mistyped --workdir never reaches a user's files."""
+    if work.exists() and any(work.iterdir()) and not (work / WORKDIR_MARKER).is_file():
+        raise SystemExit(f"error: --workdir {work}: not empty and not made by this benchmark (no {WORKDIR_MARKER}); "
+                         "give a new or empty folder")
+    work.mkdir(parents=True, exist_ok=True)
+    (work / WORKDIR_MARKER).touch()
+
 # ---------------------------------------------------------------------------------------------- the two children
 
 def run_ours(cfg: dict) -> dict:
@@ -147,6 +159,8 @@ def main() -> int:
 
     tmp = None if args.workdir else tempfile.mkdtemp(prefix="nst-bench-labels-")
     work = Path(args.workdir or tmp)
+    if args.workdir:
+        claim_workdir(work)
     try:
         shards = generate(work / "shards", args.rows, args.classes, args.top_k, args.shard_rows, args.seed)
         base = {"shards": [str(p) for p in shards], "classes": args.classes, "threshold": args.threshold,
