@@ -16,54 +16,19 @@ import argparse
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+from servers import ServerProcess, free_port  # noqa: E402  (the tests' server harness: started and stopped by PID)
+
 BIN = Path(sys.executable).parent
 CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
                 "--hide-scrollbars", "--force-device-scale-factor=1"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url: str, timeout: float = 180) -> None:
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            opener.open(url, timeout=5).read()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(1)
-
-
-def start(cmd: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen(cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=env, start_new_session=True,
-                            cwd=ROOT)
-
-
-def stop(p: subprocess.Popen) -> None:
-    if p.poll() is None:
-        os.killpg(p.pid, signal.SIGTERM)
-        try:
-            p.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
 
 
 def shoot(url: str, out: Path, size: str = "1600,1000", budget_ms: int = 30000) -> None:
@@ -82,10 +47,10 @@ def prefect_shot(work: Path, out: Path) -> None:
     env = {**os.environ, "PREFECT_HOME": str(work / "prefect-home"), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "PREFECT_UI_API_URL":
            f"http://127.0.0.1:{port}/api"}
-    server = start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                   work / "prefect.log", env)
+    server = ServerProcess([BIN / "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)], port=port,
+                           log_path=work / "prefect.log", ready_path="/api/health", env=env, cwd=ROOT,
+                           ready_timeout=180)
     try:
-        wait_http(f"http://127.0.0.1:{port}/api/health")
         proj = work / "toy"
         proj.mkdir()
         shutil.copy(ROOT / "params.yaml", proj / "params.yaml")
@@ -106,11 +71,10 @@ def prefect_shot(work: Path, out: Path) -> None:
         shoot(f"http://127.0.0.1:{port}/runs/flow-run/{g1.id}", out.with_name(out.stem + "-g1.png"), size="1600,900",
               budget_ms=45000)
     finally:
-        stop(server)
+        server.stop(20)
 
 
 def mlflow_shot(study_file: Path, out: Path, work: Path) -> None:
-    sys.path.insert(0, str(ROOT))
     from mlflow import MlflowClient
 
     from nst.config import load_config
@@ -125,11 +89,10 @@ def mlflow_shot(study_file: Path, out: Path, work: Path) -> None:
                              order_by=["attributes.start_time DESC"], max_results=1)[0]
     client.set_experiment_tag(exp.experiment_id, "mlflow.experimentKind", "custom_model_development")
     port = free_port()
-    server = start([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--backend-store-uri",
-                    uri, "--workers", "1"], work / "mlflow.log",
-                   {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+    server = ServerProcess([BIN / "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--backend-store-uri",
+                            uri, "--workers", "1"], port=port, log_path=work / "mlflow.log", ready_path="/health",
+                           env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, cwd=ROOT, ready_timeout=180)
     try:
-        wait_http(f"http://127.0.0.1:{port}/health")
         url = (f"http://127.0.0.1:{port}/#/experiments/{exp.experiment_id}/runs/{run.info.run_id}/artifacts/"
                f"report/{st.name}.png?workflowType=machine_learning")  # the UI's model-training layout
         shoot(url, out, size="1600,1000", budget_ms=30000)
@@ -138,7 +101,7 @@ def mlflow_shot(study_file: Path, out: Path, work: Path) -> None:
         with Image.open(out) as im:  # without MLflow's assistant side panel (it opens by default)
             im.crop((0, 0, 1190, 760)).save(out)
     finally:
-        stop(server)
+        server.stop(20)
 
 
 def main() -> int:

@@ -46,6 +46,29 @@ def _tail(path: Path, n_bytes: int = 4000) -> str:
     return data[-n_bytes:].decode("utf-8", errors="replace")
 
 
+def stop_group(proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    """Stop a process started with start_new_session=True and everything in its group (its group id is its PID):
+    SIGTERM, up to `timeout` s, then SIGKILL. A leader already gone may have left children: they get SIGKILL."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait(timeout=timeout)
+    else:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
 class ServerProcess:
     """A server started with Popen(start_new_session=True); ready once GET `ready_url` answers < 500.
 
@@ -132,28 +155,9 @@ class ServerProcess:
         if self._stopped:
             return
         self._stopped = True
-        proc = self._proc
         try:
-            if proc is not None and proc.poll() is None:
-                # The server is its own session leader, so its process group id is its PID.
-                try:
-                    os.killpg(proc.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-                try:
-                    proc.wait(timeout=timeout)
-                except subprocess.TimeoutExpired:
-                    try:
-                        os.killpg(proc.pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
-                    proc.wait(timeout=timeout)
-            elif proc is not None:
-                # Leader is gone; reap children it may have left in its group.
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
+            if self._proc is not None:
+                stop_group(self._proc, timeout)
         finally:
             if self._log is not None:
                 self._log.close()

@@ -21,7 +21,7 @@ import yaml
 
 from conftest import make_tiny_project
 from nst.config import load_config
-from servers import free_port
+from servers import free_port, stop_group
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -132,13 +132,7 @@ class DaskCluster:
 
     def stop(self) -> None:
         for p in reversed(self.procs):
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
-                try:
-                    p.wait(15)
-                except subprocess.TimeoutExpired:
-                    os.killpg(p.pid, signal.SIGKILL)
-                    p.wait()
+            stop_group(p, 15)
 
 
 @pytest.mark.slow
