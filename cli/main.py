@@ -92,17 +92,16 @@ def cmd_stage(args) -> None:
             _print((read_stamp(stage, cfg, gen) or {}).get("result", {}), args)
             return
         if stage.name == "label":
-            from tasks.label import label, num_shards
-            from tasks.spec import fingerprint
+            from tasks.label import finish_labels, label, num_shards
 
             if not args.finish and args.shards is None and (ngpu := _gpus(cfg)) > 1:
                 _spread_over_gpus(stage, gen, args, ngpu)
-                _print(_finish_labels(stage, cfg, gen), args)
+                _print(execute(stage, cfg, gen, step=finish_labels), args)
                 return
             if args.finish or (shards := _shards(args.shards, num_shards(cfg))) is None:
-                _print(execute(stage, cfg, gen) if not args.finish else _finish_labels(stage, cfg, gen), args)
+                _print(execute(stage, cfg, gen, step=finish_labels if args.finish else None), args)
             else:
-                _print(label(cfg, gen, fingerprint(stage, cfg, gen), shards=shards), args)
+                _print(label(cfg, gen, shards=shards), args)
             return
         _print(execute(stage, cfg, gen), args)
 
@@ -130,19 +129,6 @@ def _spread_over_gpus(stage, gen: str, args, n: int) -> None:
 
     with ThreadPoolExecutor(n) as pool:
         list(pool.map(one, range(n)))
-
-
-def _finish_labels(stage, cfg, gen) -> dict:
-    """`nst label gN --finish`: after shards ran as separate commands (the flow's mapped groups)."""
-    from tasks.label import finish_labels
-    from tasks.spec import fingerprint, up_to_date, write_stamp
-
-    fp = fingerprint(stage, cfg, gen)
-    if up_to_date(stage, cfg, gen, fp):
-        return {"skipped": True}
-    result = finish_labels(cfg, gen)
-    write_stamp(stage, cfg, gen, fp, result)
-    return result
 
 
 # ---- data --------------------------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ from nst.proc import ChildFailed, run_child
 from nst.validate import check_sources
 from tasks.label import LABEL, finish_labels, num_shards, shard_key
 from tasks.pipeline import STAGES, TRAINING, needs_torchrun, stage_argv, steps, torchrun_argv
-from tasks.spec import Stage, execute, fingerprint, outputs_exist, read_stamp, up_to_date, write_stamp
+from tasks.spec import Stage, execute, fingerprint, outputs_exist, read_stamp
 
 RESULTS_DIR = ".prefect-results"
 GPU_TAG = "gpu"  # tasks that run a model: cap them across flow runs with `prefect concurrency-limit create gpu N`
@@ -162,13 +162,7 @@ def label_group_task(spec: dict[str, Any], gen: str, shards: list[int], gpu: str
 @task(name="label-finish", task_run_name="{gen}/label", cache_key_fn=_stage_key, **_STAGE_TASK)
 def label_finish_task(spec: dict[str, Any], stage_name: str, gen: str) -> dict:
     _begin(f"{gen}/label")
-    cfg = config_of(spec)
-    fp = fingerprint(LABEL, cfg, gen)
-    if up_to_date(LABEL, cfg, gen, fp):
-        return read_stamp(LABEL, cfg, gen).get("result", {})
-    result = finish_labels(cfg, gen)
-    write_stamp(LABEL, cfg, gen, fp, result)
-    return result
+    return execute(LABEL, config_of(spec), gen, step=finish_labels)
 
 
 # Tracking never raises (failures are reported and counted by nst.tracking), so these tasks have no retries.

@@ -175,13 +175,16 @@ def write_stamp(stage: Stage, cfg: Config, gen: str, fp: str, result: dict | Non
     return atomic_write_json(stage.stamp_path(cfg, gen), body)
 
 
-def execute(stage: Stage, cfg: Config, gen: str = "", **kwargs) -> dict:
-    """Run a stage unless its outputs are up to date for its fingerprint; stamp it when done."""
+def execute(stage: Stage, cfg: Config, gen: str = "", *, step: Callable[[Config, str], dict] | None = None,
+            **kwargs) -> dict:
+    """Run a stage unless its outputs are up to date for its fingerprint; stamp it when done. `step` runs in place
+    of the stage's function when its work already ran in pieces as separate commands and only its last step is
+    left (the label stage's shard groups: `nst label gN --finish`, the flow's finishing task)."""
     fp = fingerprint(stage, cfg, gen)
     if up_to_date(stage, cfg, gen, fp):
         log.info("%s: up to date, skipping", stage.task_name(gen))
         return read_stamp(stage, cfg, gen).get("result", {}) | {"skipped": True}
-    result = stage.fn(cfg, gen, fingerprint=fp, **kwargs) or {}
+    result = (step(cfg, gen) if step else stage.fn(cfg, gen, fingerprint=fp, **kwargs)) or {}
     if is_main_process():
         write_stamp(stage, cfg, gen, fp, result)
     return result
