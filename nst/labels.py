@@ -35,8 +35,8 @@ from nst.io import atomic_path
 
 __all__ = [
     "LABEL_COLUMNS", "Plan", "Targets", "class_dtype", "densify", "filter_balance", "label_schema", "make_plan",
-    "pass1_shard", "pass2_shard", "quantize_probs", "read_shard_metadata", "read_targets", "reference_balance",
-    "stream_to_index", "synthetic_labels", "threshold_bits", "write_label_shard",
+    "pass1_shard", "pass2_shard", "plan_shards", "quantize_probs", "read_shard_metadata", "read_targets",
+    "reference_balance", "stream_to_index", "synthetic_labels", "threshold_bits", "write_label_shard",
 ]
 
 LABEL_COLUMNS = ("row", "pred", "conf", "classes", "probs")
@@ -556,6 +556,18 @@ def pass2_shard(shard_path: str | os.PathLike, plan: Plan, shard_index: int, bat
     return out.append_column(pa.field("copies", pa.uint32(), nullable=False), pa.array(full_copies[idx]))
 
 
+def plan_shards(shard_paths: list[Path], workdir: Path, num_classes: int, threshold: float, target: int | None = None,
+                duplicate: bool = True, seed: int = 0, truth: np.ndarray | None = None, workers: int = 1) -> Plan:
+    """Pass 1 over every shard (`workers` at once, their files in `workdir`) and the plan made from it: what
+    filter-balance selects by, and what a labeler's statistics count."""
+    def one(i: int) -> Path:
+        return pass1_shard(shard_paths[i], Path(workdir) / f"pass1-{i:05d}.npz", num_classes, threshold, truth)
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        hist_paths = list(pool.map(one, range(len(shard_paths))))
+    return make_plan(hist_paths, num_classes, threshold, target, duplicate, seed)
+
+
 def filter_balance(shard_paths: Sequence[str | os.PathLike], out_path: str | os.PathLike, *, num_classes: int,
                    threshold: float, target: int | None = None, duplicate: bool = True, seed: int = 0,
                    truth: np.ndarray | None = None, workdir: str | os.PathLike | None = None,
@@ -579,12 +591,9 @@ def filter_balance(shard_paths: Sequence[str | os.PathLike], out_path: str | os.
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     try:
+        plan = plan_shards(shard_paths, workdir, num_classes, threshold, target, duplicate, seed, truth, workers)
+        (workdir / "plan.json").write_text(plan.to_json())
         with ThreadPoolExecutor(workers) as pool:
-            hist_paths = list(pool.map(
-                lambda i: pass1_shard(shard_paths[i], workdir / f"pass1-{i:05d}.npz", num_classes, threshold, truth),
-                range(len(shard_paths))))
-            plan = make_plan(hist_paths, num_classes, threshold, target, duplicate, seed)
-            (workdir / "plan.json").write_text(plan.to_json())
             for c in np.flatnonzero(plan.remainder()):
                 plan.extra_bits(c)  # draw once, before the threads share the plan
             meta = read_shard_metadata(shard_paths[0])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 from pathlib import Path
 
 from nst.config import Config
@@ -24,6 +25,7 @@ def filter_balance(cfg: Config, gen: str, fingerprint: str = "") -> dict:
     from nst.labels import filter_balance as balance
 
     g = cfg.generation(gen)
+    # read here, not by nst.data.read_classes: nst/data.py is not this stage's code (editing it re-runs nothing here)
     classes = json.loads((cfg.data_dir / "classes.json").read_text())
     shards = shard_paths(cfg, g.teacher)
     missing = [p for p in shards if not p.is_file()]
@@ -32,8 +34,11 @@ def filter_balance(cfg: Config, gen: str, fingerprint: str = "") -> dict:
                                 f"`nst label {g.teacher}` first")
     out = cfg.balanced_dir(gen)
     fc = cfg.filter
-    stats = balance(shards, out / "balanced.parquet", num_classes=len(classes), threshold=fc.threshold,
-                    target=fc.target_per_class, duplicate=fc.duplicate, seed=cfg.seed + g.index, truth=truth(cfg))
+    cfg.state_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f"filter-balance-{gen}-", dir=cfg.state_dir) as work:  # not in outs
+        stats = balance(shards, out / "balanced.parquet", num_classes=len(classes), threshold=fc.threshold,
+                        target=fc.target_per_class, duplicate=fc.duplicate, seed=cfg.seed + g.index,
+                        truth=truth(cfg), workdir=work)
     if stats["final"] == 0:
         (out / "balanced.parquet").unlink(missing_ok=True)
         raise StageError(f"{gen}/filter-balance: filter.threshold = {fc.threshold} keeps 0 of {stats['total']} "

@@ -10,18 +10,19 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import tempfile
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 
 from nst.checkpoint import WEIGHTS, load_model
 from nst.config import Config
-from nst.data import dataset_for, read_manifest, resolve_paths
+from nst.data import dataset_for, read_classes, read_manifest, resolve_paths
 from nst.errors import StageError
 from nst.io import atomic_write_json
+from nst.labels import plan_shards, read_shard_metadata, write_label_shard
 from nst.progress import Progress
 from nst.train import predict_logits, resolve_device
 from tasks.shards import num_shards, shard_path, shard_paths, truth
@@ -52,7 +53,7 @@ def _shard_current(path: Path, key: str) -> bool:
     if not path.is_file():
         return False
     try:
-        return (pq.read_schema(path).metadata or {}).get(b"nst_key", b"").decode() == key
+        return read_shard_metadata(path).get("nst_key") == key
     except (OSError, ValueError) as e:  # truncated or foreign: name it and label it again
         log.warning("%s: unreadable (%s); labelling it again", path, str(e).splitlines()[0][:120])
         return False
@@ -60,8 +61,6 @@ def _shard_current(path: Path, key: str) -> bool:
 
 def label_shards(cfg: Config, gen: str, shards: list[int]) -> list[dict]:
     """Label the given shards with gN's model, loading it once; shards already holding this work are skipped."""
-    from nst.labels import write_label_shard
-
     n, key = num_shards(cfg), shard_key(cfg, gen)
     bad = [s for s in shards if not 0 <= s < n]
     if bad:
@@ -109,17 +108,15 @@ def _logits(model, paths: list[str], cfg: Config, device: torch.device, tc) -> t
 
 def labeler_stats(cfg: Config, gen: str) -> dict:
     """What the pipeline's filter makes of these labels (kept, capped, duplicated per class, confidence, accuracy
-    against hidden labels): the statistics of the model as a labeler, from its shards, not from inference."""
-    from nst.labels import make_plan, pass1_shard
-
-    fc, paths = cfg.filter, shard_paths(cfg, gen)
-    num_classes = len(json.loads((cfg.data_dir / "classes.json").read_text()))
-    nxt = next((g for g in cfg.generations if g.teacher == gen), None)
-    seed = cfg.seed + (nxt.index if nxt else int(gen[1:]) + 1)
-    with tempfile.TemporaryDirectory(prefix=".labeler-", dir=cfg.labels_dir(gen)) as tmp:
-        t = truth(cfg)
-        hists = [pass1_shard(p, Path(tmp) / f"{i}.npz", num_classes, fc.threshold, t) for i, p in enumerate(paths)]
-        stats = make_plan(hists, num_classes, fc.threshold, fc.target_per_class, fc.duplicate, seed).stats()
+    against hidden labels): the statistics of the model as a labeler, from its shards, not from inference. Counts
+    only: they do not depend on the seed that picks which rows are duplicated. Pass 1's files go to the state
+    folder, not the DVC-tracked labels folder, so a killed run leaves nothing among the outputs."""
+    fc, classes = cfg.filter, read_classes(cfg)
+    cfg.state_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f"labeler-{gen}-", dir=cfg.state_dir) as tmp:
+        stats = plan_shards(shard_paths(cfg, gen), Path(tmp), len(classes), fc.threshold, fc.target_per_class,
+                            fc.duplicate, truth=truth(cfg), workers=min(4, os.cpu_count() or 1)).stats()
+    stats["per_class"] = {classes[int(c)]: v for c, v in stats["per_class"].items()}
     return stats | {"labeler": gen}
 
 
@@ -137,8 +134,6 @@ def finish_labels(cfg: Config, gen: str) -> dict:
     if stale:
         raise StageError(f"{ldir}: shards made by other work: {', '.join(stale[:5])}; run `nst label {gen}`")
     stats = labeler_stats(cfg, gen)
-    classes = json.loads((cfg.data_dir / "classes.json").read_text())
-    stats["per_class"] = {classes[int(c)]: v for c, v in stats["per_class"].items()}
     atomic_write_json(ldir / "stats.json", stats)
     log.info("%s/label: %d images, %.1f%% kept at threshold %.2f", gen, stats["total"], 100 * stats["kept_fraction"],
              cfg.filter.threshold)
@@ -161,9 +156,9 @@ def label(cfg: Config, gen: str, fingerprint: str = "", shards: list[int] | None
 LABEL = Stage(
     name="label", fn=label, model=True,
     params=lambda c, g: EVAL_KEYS + ["pseudo_label.mode", "pseudo_label.temperature", "pseudo_label.top_k",
-                                     "pseudo_label.shard_size", "filter", "seed"],
+                                     "pseudo_label.shard_size", "filter"],
     deps=lambda c, g: [c.model_dir(g) / WEIGHTS, c.model_dir(g) / "model.json", c.data_dir / "unlabeled.parquet"],
     outs=lambda c, g: [c.labels_dir(g)],
     code=MODEL_CODE + ("nst/gpu_decode.py", "tasks/label.py", "tasks/shards.py"),
-    exclude_from_shards=("filter", "seed"),
+    exclude_from_shards=("filter",),
 )
