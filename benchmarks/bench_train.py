@@ -63,9 +63,9 @@ def plain_loop(cfg, gen: str, device: torch.device) -> tuple[float, int]:
     g = cfg.generation(gen)
     sc = g.student
     tf = build_train_transform(cfg.data, sc.noise)
-    lab, labels, _ = open_split(cfg.out_dir, cfg.root, "labeled", cfg.data, tf)
+    lab, labels = open_split(cfg, "labeled", tf)
     unl, targets = student_data(cfg, gen, tf)
-    classes = read_classes(cfg.out_dir)
+    classes = read_classes(cfg)
     model = build_model(sc.model, len(classes), sc.noise.dropout, sc.noise.drop_path).to(device)
     model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=sc.lr, momentum=0.9, nesterov=True, weight_decay=sc.weight_decay)

@@ -18,6 +18,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -30,6 +31,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from nst.errors import DataError
 
+if TYPE_CHECKING:
+    from nst.config import Config
+
 # torchvision 0.29 deprecates torchvision.io decoding in favour of TorchCodec; it still works and is what this project
 # pins, so the per-call warning is silenced for our calls only.
 _TV_DEPRECATION = "The image decoding and encoding capabilities of TorchVision"
@@ -40,7 +44,6 @@ MEAN = (0.5, 0.5, 0.5)
 STD = (0.5, 0.5, 0.5)
 MANIFEST_SCHEMA = pa.schema([("path", pa.string()), ("label", pa.int32()), ("digest", pa.binary(16)),
                              ("width", pa.int32()), ("height", pa.int32())])
-SPLITS = ("labeled", "unlabeled", "val", "test")
 
 
 @dataclass(frozen=True)
@@ -114,14 +117,10 @@ def read_manifest(path: Path) -> pa.Table:
     return pq.read_table(path)
 
 
-def prepared_dir(out_dir: Path) -> Path:
-    return Path(out_dir) / "data"
-
-
-def read_classes(out_dir: Path) -> list[str]:
+def read_classes(cfg: Config) -> list[str]:
     import json
 
-    f = prepared_dir(out_dir) / "classes.json"
+    f = cfg.data_dir / "classes.json"
     if not f.is_file():
         raise FileNotFoundError(f"{f}: data not prepared; run `nst prepare` first")
     return json.loads(f.read_text())
@@ -141,9 +140,13 @@ def header_size(data: bytes, path: str) -> tuple[int, int]:
 
 
 def check_pixels(width: int, height: int, max_pixels: int, path: str) -> None:
-    if width * height > max_pixels:
-        raise DataError(f"{path}: image is {width}x{height} = {width * height:,} pixels > data.max_image_pixels = "
-                        f"{max_pixels:,} (a decompression bomb, or raise the limit)")
+    """The scan's limit (one rule, one message), as an error naming the file."""
+    from nst.scan import ImageError, check_pixels as within_limit
+
+    try:
+        within_limit(width, height, max_pixels)
+    except ImageError as e:
+        raise DataError(f"{path}: {e} (a decompression bomb, or raise the limit)") from None
 
 
 def decode_bytes(data: bytes, path: str, max_pixels: int) -> torch.Tensor:
@@ -322,8 +325,10 @@ class ImageDataset(Dataset):
         return int(self.rows[i]) if self.rows is not None else i
 
     def raw(self, i: int) -> torch.Tensor:
-        r = self.row(i)
-        return self._cache[r] if self._cache is not None else self._load(r)
+        return self._image(self.row(i))
+
+    def _image(self, row: int) -> torch.Tensor:
+        return self._cache[row] if self._cache is not None else self._load(row)
 
     def all_raw(self) -> torch.Tensor:
         return torch.stack([self.raw(i) for i in range(len(self))]) if len(self) else torch.empty(0)
@@ -331,15 +336,17 @@ class ImageDataset(Dataset):
     def __getitem__(self, key):
         if isinstance(key, tuple):
             i, s = key
+            r = self.row(i)
             seed_sample(s)
             if self.kind == "rrc" and self.transform is not None:
-                img = self.transform(open_pil(self._path(self.row(i)), self.max_pixels, 2 * self.image_size))
+                img = self.transform(open_pil(self._path(r), self.max_pixels, 2 * self.image_size))
             else:
-                img = self.raw(i)
+                img = self._image(r)
                 if self.transform is not None:
                     img = self.transform(img)
-            return img, self.row(i)
-        return self.raw(key), self.row(key)
+            return img, r
+        r = self.row(key)
+        return self._image(r), r
 
 
 def build_train_transform(data_cfg, noise) -> Callable:
@@ -354,17 +361,17 @@ def dataset_for(data_cfg, paths, *, transform=None, rows=None, cache: bool = Tru
                         cache_mb=data_cfg.cache_mb if cache else 0, rows=rows)
 
 
-def open_split(out_dir: Path, root: Path, split: str, data_cfg, transform: Callable | None = None
-               ) -> tuple[ImageDataset, torch.Tensor, pa.Table] | None:
-    """(dataset, labels, manifest) of a prepared split, or None for an absent optional split."""
-    f = prepared_dir(out_dir) / f"{split}.parquet"
+def open_split(cfg: Config, split: str, transform: Callable | None = None
+               ) -> tuple[ImageDataset, torch.Tensor] | None:
+    """(dataset, labels) of a prepared split, or None for an absent optional split."""
+    f = cfg.data_dir / f"{split}.parquet"
     if not f.is_file() and split == "val":
         return None
     table = read_manifest(f)
-    paths = pa.array(resolve_paths(table.column("path").to_pylist(), root), pa.string())
-    ds = dataset_for(data_cfg, paths, transform=transform)
+    paths = pa.array(resolve_paths(table.column("path").to_pylist(), cfg.root), pa.string())
+    ds = dataset_for(cfg.data, paths, transform=transform)
     labels = torch.from_numpy(table.column("label").to_numpy().astype(np.int64))
-    return ds, labels, table
+    return ds, labels
 
 
 # ---- batches --------------------------------------------------------------------------------------------
@@ -415,14 +422,6 @@ def make_loader(ds: Dataset, *, batch_sampler: Sampler | None = None, batch_size
     if batch_sampler is not None:
         return DataLoader(ds, batch_sampler=batch_sampler, **kw)
     return DataLoader(ds, batch_size=batch_size, shuffle=False, **kw)
-
-
-def normalize(x: torch.Tensor) -> torch.Tensor:
-    """uint8 (or [0,255] float) images -> the float input every model here expects."""
-    x = x.float().div_(255.0)
-    mean = torch.tensor(MEAN, device=x.device).view(-1, 1, 1)
-    std = torch.tensor(STD, device=x.device).view(-1, 1, 1)
-    return (x - mean) / std
 
 
 def to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:

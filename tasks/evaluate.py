@@ -25,7 +25,7 @@ def evaluate(cfg: Config, gen: str, fingerprint: str = "") -> dict:
     device = resolve_device(cfg.device)
     model, meta = load_model(model_dir, device)
     classes = meta["classes"]
-    ds, labels, _ = open_split(cfg.out_dir, cfg.root, "test", cfg.data)
+    ds, labels = open_split(cfg, "test")
     tc = cfg.train_config(gen)
     logits = predict_logits(model, ds, device, cfg.pseudo_label.batch_size, cfg.data.num_workers, amp=tc.amp,
                             channels_last=tc.channels_last)

@@ -8,7 +8,6 @@ import logging
 import time
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import torch
 
@@ -33,22 +32,23 @@ def _meta(cfg: Config, name: str, role: str, classes: list[str]) -> dict:
 
 def _labeled(cfg: Config, noise):
     tf = build_train_transform(cfg.data, noise)
-    ds, labels, _ = open_split(cfg.out_dir, cfg.root, "labeled", cfg.data, tf)
-    val = open_split(cfg.out_dir, cfg.root, "val", cfg.data)
+    ds, labels = open_split(cfg, "labeled", tf)
+    val = open_split(cfg, "val")
     return ds, labels, val
 
 
 class StreamRows:
-    """Index of the duplicated pseudo-label stream -> index into the balanced set (duplicates never materialised)."""
+    """The duplicated pseudo-label stream as the `rows` of an ImageDataset: position -> index into the balanced
+    set (duplicates never materialised)."""
 
-    def __init__(self, cum_copies: np.ndarray):
-        self.cum = cum_copies
+    def __init__(self, targets):
+        self.targets = targets
 
     def __len__(self) -> int:
-        return int(self.cum[-1]) if len(self.cum) else 0
+        return self.targets.stream_length
 
     def __getitem__(self, i: int) -> int:
-        return int(np.searchsorted(self.cum, i, side="right"))
+        return int(self.targets.stream_index(i))
 
 
 def _timing(cfg: Config, gen: str, **times: float) -> None:
@@ -69,7 +69,7 @@ def _fit(cfg: Config, gen: str, role: str, fingerprint: str, **kw) -> dict:
     tc = cfg.train_config(gen)
     device = resolve_device(cfg.device)
     dist, device = setup(device, cfg.distributed.backend)
-    classes = read_classes(cfg.out_dir)
+    classes = read_classes(cfg)
     ds, labels, val = _labeled(cfg, tc.noise)
     torch.manual_seed(cfg.seed + (0 if gen == "g0" else cfg.generation(gen).index))
     field = "teacher" if gen == "g0" else f"generations[{cfg.gen_index(gen)}].student"
@@ -111,7 +111,7 @@ def student_data(cfg: Config, gen: str, transform) -> tuple:
                          "kept none); lower the threshold")
     manifest = read_manifest(cfg.data_dir / "unlabeled.parquet")
     paths = pa.array(resolve_paths(manifest.column("path").take(pa.array(t.rows)).to_pylist(), cfg.root), pa.string())
-    ds = dataset_for(cfg.data, paths, transform=transform, rows=StreamRows(t.cum_copies), cache=False)
+    ds = dataset_for(cfg.data, paths, transform=transform, rows=StreamRows(t), cache=False)
     return ds, SparseTargets(t.classes, t.probs, t.num_classes)
 
 
