@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -86,6 +87,11 @@ class DataConfig(_Strict):
         if not 0.0 < v[0] <= v[1] <= 1.0:
             raise ValueError("must be [min, max] with 0 < min <= max <= 1")
         return v
+
+    @property
+    def scan_workers(self) -> int:
+        """Processes that check and hash images: prepare's scan, and the fingerprint of an image folder."""
+        return self.prepare_workers or min(8, os.cpu_count() or 1)
 
     @model_validator(mode="after")
     def _sources(self) -> "DataConfig":

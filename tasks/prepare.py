@@ -4,7 +4,6 @@ digest); unreadable images and decompression bombs are skipped and listed."""
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import pyarrow as pa
@@ -30,10 +29,10 @@ def _splits(cfg: Config) -> list[tuple[str, Path]]:
 def _check(items: list[Item], cfg: Config, split: str, cache) -> list:
     from nst.scan import check_files
 
-    workers = cfg.data.prepare_workers or min(8, os.cpu_count() or 1)
     with Progress(f"prepare/{split}", total=len(items), unit="files", logger=log) as bar:
         return check_files([it.path for it in items], max_pixels=cfg.data.max_image_pixels, verify=cfg.data.verify,
-                           workers=workers, cache=cache, on_progress=lambda done, total: bar.advance(done - bar.done))
+                           workers=cfg.data.scan_workers, cache=cache,
+                           on_progress=lambda done, total: bar.advance(done - bar.done))
 
 
 def build_manifest(items: list[Item], checks: list, classes: list[str], source: Path, *, split: str,

@@ -109,7 +109,8 @@ def code_version(code: tuple[str, ...]) -> str:
 
 def path_digest(path: Path, cfg: Config) -> str:
     """Content digest of an input: a file's bytes, or a folder's (relative path, bytes) list; visible files only.
-    Large image folders go through the scan's persistent cache, so unchanged files are not read again."""
+    Large image folders go through the scan's persistent cache, so unchanged files are not read again, and are
+    read in parallel as prepare reads them (a cold fingerprint comes first and would otherwise read them all)."""
     if path.is_file():
         return content_digest(path)
     if not path.is_dir():
@@ -117,7 +118,7 @@ def path_digest(path: Path, cfg: Config) -> str:
     from nst.scan import HashCache, tree_digest
 
     with HashCache.for_out_dir(cfg.out_dir) as cache:
-        return tree_digest(path, cache)
+        return tree_digest(path, cache, workers=cfg.data.scan_workers)
 
 
 def _dep_name(cfg: Config, p: Path) -> str:
