@@ -16,11 +16,10 @@ import sys
 import traceback
 from pathlib import Path
 
-from nst.errors import ConfigError, NstError, USER_ERRNOS, os_error_line
+from nst.errors import EXIT_ERROR, EXIT_INTERNAL, EXIT_TRACKING, USER_ERRNOS, ConfigError, NstError, os_error_line
 
 log = logging.getLogger("nst")
 
-EXIT_ERROR, EXIT_INTERNAL, EXIT_TRACKING = 2, 1, 3
 OFFLINE_DEFAULTS = {"HF_HUB_OFFLINE": "1", "DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                     "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1"}
 
@@ -72,10 +71,11 @@ def _shards(spec: str | None, n: int) -> list[int] | None:
 
 
 def cmd_stage(args) -> None:
+    from nst.config import parse_overrides
+    from nst.distributed import visible_gpus
     from nst.io import stage_lock
-    from nst.proc import run_child
-    from tasks.pipeline import STAGES, needs_torchrun, stage_argv, torchrun_argv
-    from tasks.spec import execute, read_stamp
+    from tasks.pipeline import STAGES, Step, run_step
+    from tasks.spec import execute
 
     stage = STAGES[args.cmd]
     cfg = _cfg(args, device=stage.model, sources=stage.name == "prepare")
@@ -85,16 +85,10 @@ def cmd_stage(args) -> None:
     elif gen and gen not in cfg.model_names():
         raise ConfigError(f"{args.params}: generation {gen!r} is not g0 or one of {cfg.model_names()[1:]}")
     with stage_lock(cfg.out_dir):
-        if n := needs_torchrun(stage, cfg):
-            argv = torchrun_argv(n, stage_argv(stage, gen, args.params, None, [a for o in args.overrides
-                                                                               for a in ("-S", o)]))
-            run_child(argv, on_line=lambda line: print(line, file=sys.stderr, flush=True))
-            _print((read_stamp(stage, cfg, gen) or {}).get("result", {}), args)
-            return
         if stage.name == "label":
             from tasks.label import finish_labels, label, num_shards
 
-            if not args.finish and args.shards is None and (ngpu := _gpus(cfg)) > 1:
+            if not args.finish and args.shards is None and (ngpu := visible_gpus(cfg.device)) > 1:
                 _spread_over_gpus(stage, gen, args, ngpu)
                 _print(execute(stage, cfg, gen, step=finish_labels), args)
                 return
@@ -103,15 +97,7 @@ def cmd_stage(args) -> None:
             else:
                 _print(label(cfg, gen, shards=shards), args)
             return
-        _print(execute(stage, cfg, gen), args)
-
-
-def _gpus(cfg) -> int:
-    if cfg.device not in ("auto", "cuda"):
-        return 0
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+        _print(run_step(Step(stage, gen), cfg, args.params, parse_overrides(args.overrides)), args)  # torchrun if asked
 
 
 def _spread_over_gpus(stage, gen: str, args, n: int) -> None:
@@ -356,7 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="the whole pipeline: teacher, then every generation; prints the table")
     _add_cfg(r)
     r.add_argument("--no-prefect", action="store_true", help="walk the pipeline in this process, without Prefect")
-    r.add_argument("--mlflow-parent", default=None, metavar="RUN_ID", help="nest the pipeline's MLflow run under this one")
+    r.add_argument("--mlflow-parent", default=None, metavar="RUN_ID",
+                   help="nest the pipeline's MLflow run under this one")
     r.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="MLflow tag of the pipeline run")
     r.set_defaults(func=cmd_run)
     dv = sub.add_parser("dvc-yaml", help="write dvc.yaml from params.yaml and the stage declarations")

@@ -35,6 +35,7 @@ from prefect.futures import as_completed
 
 from flows.runners import max_workers, task_runner_from_env
 from nst.config import Config, check_device, load_config
+from nst.distributed import visible_gpus
 from nst.io import run_lock
 from nst.proc import ChildFailed, run_child
 from nst.validate import check_sources
@@ -227,7 +228,8 @@ def _label(spec: dict[str, Any], cfg: Config, gen: str) -> None:
     n = num_shards(cfg)
     k = max(1, min(n, max_workers()))
     groups = [list(range(n * i // k, n * (i + 1) // k)) for i in range(k)]  # contiguous: one child each
-    ngpu = _gpus() if os.environ.get("NST_TASK_RUNNER", "thread") != "dask" else 0  # Dask workers pin their own
+    dask = os.environ.get("NST_TASK_RUNNER", "thread") == "dask"
+    ngpu = 0 if dask else visible_gpus(cfg.device)  # Dask workers pin their own
     progress = create_progress_artifact(0.0, key=f"{gen}-label-progress",
                                         description=f"{gen}: label shards finished, of {n}")
     futures = {}
@@ -251,15 +253,6 @@ def _label(spec: dict[str, Any], cfg: Config, gen: str) -> None:
         names = ", ".join(f"{gen}/label-shard-{s}" for s in bad) or ", ".join(f"shards {g[0]}-{g[-1]}" for g, _ in failed)
         raise ShardFailure(f"{len(bad) or len(failed)} label shard(s) failed: {names} ({failed[0][1]})")
     _stage(label_finish_task, cfg, LABEL, gen)(spec, LABEL.name, gen)
-
-
-def _gpus() -> int:
-    try:
-        import torch
-
-        return torch.cuda.device_count() if torch.cuda.is_available() else 0
-    except ImportError:
-        return 0
 
 
 def _publish(cfg: Config, gen: str) -> None:

@@ -4,8 +4,8 @@ and the report (table, plot) as artifacts."""
 
 from __future__ import annotations
 
-import os
 import re
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -14,7 +14,7 @@ from prefect.cache_policies import NO_CACHE
 from flows.noisy_student import noisy_student
 from nst.config import load_config
 from nst.study import common_overrides, finish_study, load_study, share_teacher, start_study, write_report
-from tasks.study import jobs_for, plan
+from tasks.study import jobs_for, plan, threads_for
 
 
 def _name() -> str:
@@ -51,7 +51,7 @@ def study_flow(config_path: str, jobs: int | None = None) -> dict:
     cfg = load_config(st.params, common_overrides(st))
     parent = start_study(cfg, st)
     teachers, arms = plan(st)
-    threads = max(1, (os.cpu_count() or 1) // jobs_for(st, jobs))
+    threads = threads_for(st, jobs)
     status, report = "FAILED", {}
     try:
         for f in [pipeline_task.submit(config_path, o | {"threads": threads}, t, parent) for o, t in teachers]:
@@ -68,7 +68,7 @@ def study_flow(config_path: str, jobs: int | None = None) -> dict:
             raise errors[0]
         report = write_report(st)
         key = re.sub(r"[^a-z0-9-]", "-", f"study-{st.name.lower()}")
-        create_markdown_artifact(markdown=open(report["md"]).read(), key=key,
+        create_markdown_artifact(markdown=Path(report["md"]).read_text(), key=key,
                                  description=f"Study {st.name}: test top-1 per arm and generation")
         get_run_logger().info("study %s: report %s", st.name, report["md"])
         status = "FINISHED"

@@ -59,8 +59,13 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
+def visible_gpus(device: str = "auto") -> int:
+    """The GPUs a run on `device` (params.yaml's `device`) can use: 0 for cpu, or without CUDA."""
+    if device not in ("auto", "cuda") or not torch.cuda.is_available():
+        return 0
+    return torch.cuda.device_count()
+
+
 def nproc(setting: int | str) -> int:
     """`distributed.nproc_per_node`: auto = the visible GPUs (1 without CUDA)."""
-    if setting == "auto":
-        return max(1, torch.cuda.device_count()) if torch.cuda.is_available() else 1
-    return int(setting)
+    return max(1, visible_gpus()) if setting == "auto" else int(setting)

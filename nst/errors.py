@@ -6,6 +6,8 @@ from __future__ import annotations
 import errno
 
 MAX_QUOTE = 200  # characters of a bad value quoted in a message
+# Exit codes of `nst` (documented in the README): 2 an NstError, 1 anything else, 3 finished with tracking incomplete.
+EXIT_ERROR, EXIT_INTERNAL, EXIT_TRACKING = 2, 1, 3
 
 
 class NstError(Exception):

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from nst.config import load_config, override_args
-from nst.errors import StageError
+from nst.errors import EXIT_TRACKING, StageError
 from nst.proc import ChildFailed, run_child
 from nst.study import (StudyConfig, common_overrides, finish_study, run_overrides, share_teacher, start_study,
                        teacher_overrides, write_report)
@@ -20,6 +20,11 @@ log = logging.getLogger("nst.study")
 
 def jobs_for(st: StudyConfig, jobs: int | None) -> int:
     return jobs or st.jobs or max(1, (os.cpu_count() or 2) // 2)
+
+
+def threads_for(st: StudyConfig, jobs: int | None) -> int:
+    """torch threads of each of the runs side by side: the cores shared out."""
+    return max(1, (os.cpu_count() or 1) // jobs_for(st, jobs))
 
 
 def plan(st: StudyConfig) -> tuple[list[tuple[dict, dict]], list[tuple[str, int, dict, dict]]]:
@@ -37,19 +42,17 @@ def _run(st: StudyConfig, overrides: dict[str, Any], tags: dict, parent: str | N
     argv += ["--mlflow-parent", parent] if parent else []
     name = f"{tags['arm']}/seed{tags['seed']}"
     log.info("study %s: %s started", st.name, name)
-    lines: list[str] = []
-    try:  # a child process that dies with the study (nst.proc)
-        run_child(argv, on_line=lines.append)
+    try:  # a child process that dies with the study (nst.proc); its own log and MLflow runs report it
+        run_child(argv, on_line=lambda line: None)
     except ChildFailed as e:
-        if e.returncode != 3:  # 3: finished, tracking incomplete (reported by that run)
+        if e.returncode != EXIT_TRACKING:  # finished, tracking incomplete (reported by that run)
             raise StageError(f"study {st.name}: {name} failed: {e.last_error}") from None
     log.info("study %s: %s finished", st.name, name)
 
 
 def run_study_direct(st: StudyConfig, jobs: int | None = None) -> dict:
     cfg = load_config(st.params, common_overrides(st))
-    n = jobs_for(st, jobs)
-    threads = max(1, (os.cpu_count() or 1) // n)
+    n, threads = jobs_for(st, jobs), threads_for(st, jobs)
     parent = start_study(cfg, st)
     teachers, arms = plan(st)
     status, report = "FAILED", {}
