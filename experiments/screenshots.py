@@ -82,9 +82,10 @@ def mlflow_shot(study_file: Path, out: Path, work: Path) -> None:
     from nst.tracking import tracking_uri
 
     st = load_study(study_file)
-    uri = tracking_uri(load_config(st.params, common_overrides(st)))
+    cfg = load_config(st.params, common_overrides(st))
+    uri = tracking_uri(cfg)
     client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(load_config(st.params, common_overrides(st)).tracking.experiment)
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
     run = client.search_runs([exp.experiment_id], f"tags.kind = 'study' and tags.study = '{st.name}'",
                              order_by=["attributes.start_time DESC"], max_results=1)[0]
     client.set_experiment_tag(exp.experiment_id, "mlflow.experimentKind", "custom_model_development")

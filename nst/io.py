@@ -146,7 +146,7 @@ def read_json(path: str | os.PathLike) -> Any:
 
 # ---- hashes ---------------------------------------------------------------------------------------------------
 
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+def file_sha256(path: str | os.PathLike) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 

@@ -26,7 +26,7 @@ def columns(rows: list[dict]) -> list[str]:
 
 def generation_rows(cfg: Config) -> list[dict]:
     rows, prev = [], None
-    for name in ["g0"] + [g.name for g in cfg.generations]:
+    for name in cfg.model_names():
         mdir, mfile = cfg.model_dir(name), cfg.eval_dir(name) / "metrics.json"
         if not (is_complete(mdir) and mfile.is_file()):
             continue
@@ -87,8 +87,6 @@ def write_summary(cfg: Config) -> tuple[list[dict], Path]:
 def write_csv(rows: list[dict], path: str | Path) -> Path:
     import csv
     import io
-
-    from nst.io import atomic_write_text
 
     cols = columns(rows) + ["run_id"]
     buf = io.StringIO()
@@ -151,10 +149,6 @@ def labels_report(cfg: Config, gen: str, csv_path: str | None = None) -> str:
     return "\n".join(lines)
 
 
-def _pct(v: float | None) -> str:
-    return "-" if v is None else f"{100 * v:.1f}%"
-
-
 def summary_markdown(cfg: Config, gen: str) -> str:
     """One generation's card (a Prefect artifact): model, test top-1, change vs its teacher, the pseudo-labels it
     trained on per class."""
@@ -162,11 +156,10 @@ def summary_markdown(cfg: Config, gen: str) -> str:
     if row is None:
         return f"### {gen}\n\nno evaluated model yet\n"
     teacher = "-" if gen == "g0" else cfg.generation(gen).teacher
-    delta = row["delta_vs_teacher"]
     lines = [f"### {gen}: {row['role']} `{row['model']}` ({row['params']:,} parameters)", "",
              "| test top-1 | change vs teacher | teacher | test ECE |", "|---|---|---|---|",
-             f"| {_pct(row['test_top1'])} | {'-' if delta is None else f'{100 * delta:+.1f} pt'} | {teacher} "
-             f"| {row['test_ece']:.3f} |"]
+             f"| {_fmt('test_top1', row['test_top1'])} | {_fmt('delta_vs_teacher', row['delta_vs_teacher'])} "
+             f"| {teacher} | {_fmt('test_ece', row['test_ece'])} |"]
     stats_f = cfg.balanced_dir(gen) / "stats.json"
     if stats_f.is_file():
         s = read_json(stats_f)
@@ -174,7 +167,7 @@ def summary_markdown(cfg: Config, gen: str) -> str:
                       f"{s['capped']} capped, {s['duplicated']} duplicated -> {s['final']} "
                       f"(K = {s['target_per_class']} per class)"]
         if "pseudo_label_acc_kept" in s:
-            lines[-1] += f"; accuracy of kept pseudo-labels {_pct(s['pseudo_label_acc_kept'])}"
+            lines[-1] += f"; accuracy of kept pseudo-labels {_fmt('pseudo_label_acc_kept', s['pseudo_label_acc_kept'])}"
         lines += ["", "| class | predicted | dropped | kept | capped | duplicated | final |", "|---|---|---|---|---|---|---|"]
         for c, v in s["per_class"].items():
             lines.append(f"| {c} | {v['predicted']} | {v['below_threshold']} | {v['unique']} | {v['capped']} "

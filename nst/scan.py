@@ -548,26 +548,6 @@ class _Pool:
             self.ex = None
 
 
-def fingerprint_checks(checks: Iterable[FileCheck], root: str | os.PathLike) -> str:
-    """Content identity of a file list: sha256 over (path relative to `root`, digest) in the given order.
-
-    No mtimes or inodes, so a fresh clone of the same data at any location gives the same value, and any changed
-    pixels, renamed or missing file changes it. Paths are made relative textually (symlinks not followed), so a
-    data folder that is a symlink fingerprints the same wherever it points; paths outside `root` stay absolute.
-    """
-    cwd = os.getcwd()
-    base = os.path.normpath(os.path.join(cwd, os.fspath(root)))
-    h = hashlib.sha256()
-    for c in checks:
-        ap = os.path.normpath(os.path.join(cwd, c.path))
-        rel = Path(os.path.relpath(ap, base)).as_posix() if ap == base or ap.startswith(base + os.sep) else ap
-        h.update(rel.encode("utf-8", "surrogateescape"))
-        h.update(b"\0")
-        h.update((c.digest or "-").encode())
-        h.update(b"\0")
-    return h.hexdigest()
-
-
 def tree_digest(folder: str | os.PathLike, cache: HashCache | None = None, workers: int = 1) -> str:
     """Content digest of a folder: (relative path, content digest) of every visible file, in order. Unchanged
     files come from the cache, so checking a large image folder again costs a stat per file."""

@@ -79,11 +79,3 @@ class RedactingFilter(logging.Filter):
                 record.exc_info = None
                 record.msg = f"{record.msg} ({text})"
         return True
-
-
-def install_redaction(logger: logging.Logger | None = None) -> None:
-    """Add the filter to every handler of `logger` (default: root) that does not have it yet."""
-    lg = logger or logging.getLogger()
-    for h in lg.handlers:
-        if not any(isinstance(f, RedactingFilter) for f in h.filters):
-            h.addFilter(RedactingFilter())

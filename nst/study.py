@@ -20,6 +20,7 @@ from pydantic import Field, ValidationError, field_validator
 
 from nst.config import ConfigError, _format_errors, _Strict, load_config
 from nst.io import atomic_path, atomic_write_json, atomic_write_text, read_json
+from nst.report import COLUMNS, columns
 from nst.tracking import _client, _experiment_id, _git, _guarded, _params
 
 
@@ -167,9 +168,7 @@ def table(st: StudyConfig, rows: list[dict]) -> tuple[str, str]:
     for s in st.seeds:
         md.append(f"| {s} | " + " | ".join(" / ".join(f"{cell[(a, g, s)] * 100:.1f}" if (a, g, s) in cell else "-"
                                                       for a in arms) for g in gens) + " |")
-    extra = [k for k in ("test_ece", "robust/mce", "robust/relative_mce", "robust/mean_flip_rate")
-             if any(r.get(k) is not None for r in rows)]
-    extra += sorted({k for r in rows for k in r if k.startswith(("robust/fgsm_acc", "robust/pgd_acc"))})
+    extra = [k for k in ["test_ece", *columns(rows)[len(COLUMNS):]] if any(r.get(k) is not None for r in rows)]
     if any(k.startswith("robust/") for k in extra):  # the robustness suite ran: its numbers per arm and generation
         md += ["", "Calibration and robustness (mean over seeds; mCE relative to the g0 teacher = 100):", "",
                "| arm | generation | " + " | ".join(k.removeprefix("robust/") for k in extra) + " |",

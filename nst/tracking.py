@@ -149,7 +149,7 @@ def _experiment_id(client, cfg: Config) -> str:
 
 @_guarded("start_pipeline")
 def start_pipeline(cfg: Config, *, flow_run_id: str | None = None, parent_run_id: str | None = None,
-                   tags: dict[str, str] | None = None, run_name: str | None = None) -> str:
+                   tags: dict[str, str] | None = None) -> str:
     """The parent run of one pipeline run (nested under a study's run when `parent_run_id` is given)."""
     client = _client(cfg)
     dump = portable_dump(cfg)
@@ -160,10 +160,9 @@ def start_pipeline(cfg: Config, *, flow_run_id: str | None = None, parent_run_id
         t["prefect_flow_run_id"] = str(flow_run_id)
     if parent_run_id:
         t["mlflow.parentRunId"] = parent_run_id
-    if run_name is None and "arm" in t:
-        run_name = f"{t.get('study', 'study')}-{t['arm']}-seed{t.get('seed', '')}"
-    run = client.create_run(_experiment_id(client, cfg), tags=t,
-                            run_name=run_name or f"{t['dataset']}-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_name = (f"{t.get('study', 'study')}-{t['arm']}-seed{t.get('seed', '')}" if "arm" in t  # `--tag arm=...`
+                else f"{t['dataset']}-{time.strftime('%Y%m%d-%H%M%S')}")
+    run = client.create_run(_experiment_id(client, cfg), tags=t, run_name=run_name)
     client.log_batch(run.info.run_id, params=_params({k: v for k, v in dump.items() if k != "generations"}))
     client.log_dict(run.info.run_id, dump, "config/params.json")
     log.info("tracking: pipeline run %s in experiment %r at %s", run.info.run_id, cfg.tracking.experiment,
