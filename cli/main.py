@@ -156,7 +156,9 @@ def cmd_run(args) -> int:
     from nst.tracking import tracking_errors
 
     args.overrides = _clean_overrides(args)
-    cfg = _cfg(args, device=True, sources=True)
+    from flows.runners import runner_kind
+
+    cfg = _cfg(args, device=args.no_prefect or runner_kind() != "dask", sources=True)  # the flow's own rule
     errors_before = len(tracking_errors(cfg)) if cfg.tracking.enabled else 0
     tags = dict(t.split("=", 1) for t in args.tag)
     if args.no_prefect:

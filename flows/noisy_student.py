@@ -33,7 +33,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 from prefect.futures import as_completed
 
-from flows.runners import max_workers, task_runner_from_env
+from flows.runners import max_workers, runner_kind, task_runner_from_env
 from nst.config import Config, check_device, load_config
 from nst.distributed import visible_gpus
 from nst.io import run_lock
@@ -228,8 +228,7 @@ def _label(spec: dict[str, Any], cfg: Config, gen: str) -> None:
     n = num_shards(cfg)
     k = max(1, min(n, max_workers()))
     groups = [list(range(n * i // k, n * (i + 1) // k)) for i in range(k)]  # contiguous: one child each
-    dask = os.environ.get("NST_TASK_RUNNER", "thread") == "dask"
-    ngpu = 0 if dask else visible_gpus(cfg.device)  # Dask workers pin their own
+    ngpu = 0 if runner_kind() == "dask" else visible_gpus(cfg.device)  # Dask workers pin their own
     progress = create_progress_artifact(0.0, key=f"{gen}-label-progress",
                                         description=f"{gen}: label shards finished, of {n}")
     futures = {}
@@ -313,7 +312,7 @@ def noisy_student(params_path: str = "params.yaml", overrides: dict[str, Any] | 
 
     logger = get_run_logger()
     cfg = load_config(params_path, overrides)  # invalid params fail the flow here, with the one-line ConfigError
-    if os.environ.get("NST_TASK_RUNNER", "thread") != "dask":  # with Dask, stages run on other machines
+    if runner_kind() != "dask":  # with Dask, stages run on other machines
         check_device(cfg, params_path)
     check_sources(cfg, params_path)
     all_steps = steps(cfg)
