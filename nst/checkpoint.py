@@ -54,15 +54,22 @@ def save_state(path: Path, obj: dict[str, Any]) -> Path:
     return Path(path)
 
 
-def load_state(path: Path) -> dict[str, Any]:
-    """The resume state; a truncated, empty or foreign file raises DataError (the caller sets it aside)."""
+def _torch_load(path: Path, what: str) -> Any:
+    """torch.load(weights_only=True): nothing is unpickled but tensors and plain containers. A file it refuses
+    (truncated, empty, foreign, or a pickle with code in it) is a DataError naming it - without torch's advice to
+    set weights_only=False, which is the one thing not to do."""
     try:
-        st = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, AttributeError,
             KeyError, TypeError) as e:
-        reason = "empty file" if Path(path).stat().st_size == 0 else str(e).splitlines()[0][:120]
-        reason = reason.split("weights_only")[0].rstrip(" .(") or "unreadable"
-        raise DataError(f"{path}: not a valid training-state file ({reason})") from None
+        reason = "empty file" if Path(path).stat().st_size == 0 else str(e).splitlines()[0]
+        reason = reason.split("weights_only")[0].rstrip(" .(")[:120] or "unreadable"
+        raise DataError(f"{path}: not {what} ({reason})") from None
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    """The resume state; a truncated, empty or foreign file raises DataError (the caller sets it aside)."""
+    st = _torch_load(path, "a valid training-state file")
     if not isinstance(st, dict) or "epoch" not in st:
         raise DataError(f"{path}: not a valid training-state file (no epoch)")
     return st
@@ -140,11 +147,7 @@ def read_checkpoint_file(path: Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if path.suffix == ".safetensors":
         return load_weights(path)
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
-        reason = str(e).splitlines()[0].split("weights_only")[0].rstrip(" .(")[:120] or "unreadable"
-        raise DataError(f"{path}: not a safetensors file or a weights-only torch checkpoint ({reason})") from None
+    obj = _torch_load(path, "a safetensors file or a weights-only torch checkpoint")
     for key in ("state_dict_ema", "state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
