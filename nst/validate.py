@@ -3,7 +3,7 @@ change what a run writes (so it is not part of any stage's code version)."""
 
 from __future__ import annotations
 
-from nst.config import Config, ConfigError
+from nst.config import SPLITS, Config, ConfigError
 from nst.errors import quote
 
 
