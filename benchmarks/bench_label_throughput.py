@@ -14,6 +14,7 @@ in bf16).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -48,6 +49,19 @@ def make_jpegs(folder: Path, n: int, size: tuple[int, int] = (320, 240)) -> None
             d.ellipse([x0, y0, x0 + rng.integers(20, 120), y0 + rng.integers(20, 120)],
                       fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
         img.save(folder / f"{i:06d}.jpg", quality=90)
+
+
+@contextlib.contextmanager
+def peak_memory(device: torch.device, into: dict, key: str):
+    """The most GPU memory allocated while the block ran, into `into[key]` (the largest over repeats); CUDA only."""
+    if device.type != "cuda":
+        yield
+        return
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    yield
+    torch.cuda.synchronize(device)
+    into[key] = max(into.get(key) or 0, torch.cuda.max_memory_allocated(device))
 
 
 def project(work: Path, model: str, images: int, batch: int, workers: int, device: str) -> Path:
@@ -106,16 +120,20 @@ def bench(model_name: str, args, jpegs: Path) -> dict:
         forward_pass(args.batch * 2)  # warm-up (oneDNN/cuDNN kernel choice)
         shard = cfg.labels_dir("g0")
         results = {"forward": [], "stage": []}
+        peak = {"forward": None, "stage": None}  # bytes of GPU memory at most, beyond the preloaded batches
         for r in range(args.repeats):  # alternate, so drifting load hits both
-            results["forward"].append(args.images / forward_pass(args.images))
+            with peak_memory(device, peak, "forward"):
+                results["forward"].append(args.images / forward_pass(args.images))
             shutil.rmtree(shard, ignore_errors=True)
-            t = time.perf_counter()
-            label_shards(cfg, "g0", [0])
-            results["stage"].append(args.images / (time.perf_counter() - t))
+            with peak_memory(device, peak, "stage"):
+                t = time.perf_counter()
+                label_shards(cfg, "g0", [0])
+                results["stage"].append(args.images / (time.perf_counter() - t))
         fwd, stg = max(results["forward"]), max(results["stage"])
         return {"model": model_name, "device": str(device), "threads": torch.get_num_threads(), "batch": args.batch,
                 "workers": args.workers, "forward_img_s": fwd, "stage_img_s": stg, "ratio": stg / fwd,
-                "channels_last": cl, "bf16": amp}
+                "channels_last": cl, "bf16": amp, "forward_peak_bytes": peak["forward"],
+                "stage_peak_bytes": peak["stage"]}
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -16,7 +16,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from nst.errors import EXIT_ERROR, EXIT_INTERNAL, EXIT_TRACKING, USER_ERRNOS, ConfigError, NstError, os_error_line
+from nst.errors import EXIT_ERROR, EXIT_INTERNAL, EXIT_TRACKING, USER_ERRNOS, ConfigError, NstError, os_error_line, quote
 
 log = logging.getLogger("nst")
 
@@ -67,14 +67,14 @@ def _shards(spec: str | None, n: int) -> list[int] | None:
             out += list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
         return out
     except ValueError:
-        raise ConfigError(f"--shards {spec!r}: expected N, N,M,..., A-B or I::K") from None
+        raise ConfigError(f"--shards {quote(spec, 80)}: expected N, N,M,..., A-B or I::K") from None
 
 
 def cmd_stage(args) -> None:
     from nst.config import parse_overrides
     from nst.distributed import visible_gpus
     from nst.io import stage_lock
-    from tasks.pipeline import STAGES, Step, run_step
+    from tasks.pipeline import STAGES, Step, run_step, steps
     from tasks.spec import execute
 
     stage = STAGES[args.cmd]
@@ -82,8 +82,9 @@ def cmd_stage(args) -> None:
     gen = getattr(args, "generation", None) or ("g0" if stage.name == "train-teacher" else "")
     if gen and stage.scope == "student":
         cfg.generation(gen)
-    elif gen and gen not in cfg.model_names():
-        raise ConfigError(f"{args.params}: generation {gen!r} is not g0 or one of {cfg.model_names()[1:]}")
+    elif gen and gen not in (runs_for := [s.gen for s in steps(cfg) if s.stage is stage]):
+        raise ConfigError(f"{args.params}: generation {quote(gen, 80)} is not one of {runs_for}"
+                          + (" (finetune.enabled is false)" if stage.scope == "finetune" and not runs_for else ""))
     with stage_lock(cfg.out_dir):
         if stage.name == "label":
             from tasks.label import finish_labels, label, num_shards
@@ -156,9 +157,11 @@ def cmd_run(args) -> int:
     from nst.tracking import tracking_errors
 
     args.overrides = _clean_overrides(args)
-    from flows.runners import runner_kind
+    from flows.runners import check_scheduler, runner_kind
 
     cfg = _cfg(args, device=args.no_prefect or runner_kind() != "dask", sources=True)  # the flow's own rule
+    if not args.no_prefect:
+        check_scheduler()  # before the flow starts
     errors_before = len(tracking_errors(cfg)) if cfg.tracking.enabled else 0
     tags = dict(t.split("=", 1) for t in args.tag)
     if args.no_prefect:
@@ -206,7 +209,9 @@ def cmd_dvc_yaml(args) -> int:
     from tasks.pipeline import HEADER, dvc_yaml
 
     cfg = _cfg(args)
-    raw = yaml.safe_load(Path(args.params).read_text()) or {}
+    from nst.config import read_yaml
+
+    raw = read_yaml(args.params) or {}
     name = Path(args.params).name
     if name != "params.yaml" and not args.output:  # never overwrite the project's dvc.yaml from another file
         raise ConfigError(f"{args.params}: not the project's params.yaml; choose where to write with -o")
@@ -227,17 +232,26 @@ def cmd_dvc_yaml(args) -> int:
 
 # ---- reports --------------------------------------------------------------------------------------------------
 
-def cmd_table(args) -> None:
-    from nst.report import markdown_table, text_table, write_summary
+def _output_file(flag: str, path: str | None) -> str | None:
+    """A file to write named by an option, checked before any work: a folder there is named with its option."""
+    if path is not None and Path(path).is_dir():
+        raise ConfigError(f"{flag} {quote(path)}: is a directory; give the name of a file (in it, or elsewhere)")
+    return path
 
-    rows, _ = write_summary(_cfg(args, check_models=False))
+
+def cmd_table(args) -> None:
+    """Reads outputs only (the pipeline writes summary.json/.md): a mistyped out_dir creates nothing."""
+    from nst.report import finished_rows, markdown_table, text_table
+
+    rows = finished_rows(_cfg(args, check_models=False))
     print(markdown_table(rows) if args.markdown else text_table(rows))
 
 
 def cmd_labels(args) -> None:
     from nst.report import labels_report
 
-    print(labels_report(_cfg(args, check_models=False), args.generation, csv_path=args.csv))
+    csv_path = _output_file("--csv", args.csv)
+    print(labels_report(_cfg(args, check_models=False), args.generation, csv_path=csv_path))
 
 
 def cmd_compare(args) -> None:
@@ -247,6 +261,8 @@ def cmd_compare(args) -> None:
     from nst.tracking import tracking_uri
 
     cfg = _cfg(args, check_models=False)
+    _output_file("--csv", args.csv)
+    _output_file("--markdown", args.markdown)
     from mlflow.exceptions import MlflowException
 
     try:
@@ -330,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("label", True, "GEN's model labels the unlabeled set (all shards, or --shards)"),
         ("filter-balance", True, "threshold and class-balance the pseudo-labels GEN trains on (made by its teacher)"),
         ("train-student", True, "train GEN's noised student on labeled + pseudo-labeled data"),
+        ("finetune", True, "fine-tune gN into GEN = gN-ft at the test resolution (finetune.*), shallow layers fixed"),
     ]:
         sp = sub.add_parser(name, help=help_)
         _add_cfg(sp)
@@ -416,6 +433,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
     try:
+        from nst.settings import check_environment
+
+        check_environment()
         rc = args.func(args)
         return rc or 0
     except NstError as e:

@@ -3,6 +3,7 @@
     [builtin-data] -> prepare -> one subflow per model `gN/generation`:
         g0: train-teacher -> evaluate -> label (shard groups, mapped) -> track
         g1, g2, ...: filter-balance -> train-student -> evaluate -> label -> track
+        gN-ft (finetune.enabled, after gN): finetune -> evaluate -> track
 
 * A model stage (train, evaluate, label) runs as its own `nst` command in a child process - the command dvc.yaml
   runs - with its log lines streamed into the task run's log; it fails with the child's last error line. Nothing
@@ -273,8 +274,7 @@ def _run_steps(spec: dict[str, Any], cfg: Config, todo: list, parent: str | None
             _label(spec, cfg, gen)
         elif stage.model:
             if stage in TRAINING and cfg.tracking.enabled:
-                teacher = None if gen == "g0" else runs.get(cfg.generation(gen).teacher)
-                runs[gen] = open_run_task(spec, gen, parent, teacher)
+                runs[gen] = open_run_task(spec, gen, parent, runs.get(cfg.made_from(gen)))  # None for g0
             _stage(command_task, cfg, stage, gen)(spec, stage.name, gen, runs.get(gen) if stage in TRAINING else None)
             if stage.name == "evaluate":
                 _publish(cfg, gen)
@@ -324,7 +324,7 @@ def noisy_student(params_path: str = "params.yaml", overrides: dict[str, Any] | 
         runs: dict[str, str | None] = {}
         try:
             _run_steps(spec, cfg, [s for s in all_steps if s.gen == ""], parent, runs)  # data, prepare
-            for gen in cfg.model_names():
+            for gen in dict.fromkeys(s.gen for s in all_steps if s.gen):  # the models, in the pipeline's order
                 runs[gen] = generation.with_options(task_runner=task_runner_from_env())(spec, gen, parent, runs)
             rows, _ = write_summary(cfg)
             create_markdown_artifact(markdown=markdown_table(rows), key="generation-table",

@@ -13,7 +13,8 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.noisy_student import noisy_student
 from nst.config import load_config
-from nst.study import common_overrides, finish_study, load_study, share_teacher, start_study, write_report
+from nst.study import (check_report_paths, common_overrides, finish_study, load_study, share_teacher, start_study,
+                       write_report)
 from tasks.study import jobs_for, plan, threads_for
 
 
@@ -48,15 +49,16 @@ def study_flow(config_path: str, jobs: int | None = None) -> dict:
     from prefect.artifacts import create_markdown_artifact
 
     st = load_study(config_path)
+    check_report_paths(st)  # a report path holding a file of the user's: refused now, not after the study ran
     cfg = load_config(st.params, common_overrides(st))
     parent = start_study(cfg, st)
     teachers, arms = plan(st)
     threads = threads_for(st, jobs)
     status, report = "FAILED", {}
     try:
-        for f in [pipeline_task.submit(config_path, o | {"threads": threads}, t, parent) for o, t in teachers]:
+        for f in [pipeline_task.submit(config_path, threads | o, t, parent) for o, t in teachers]:
             f.result()
-        futures = [pipeline_task.submit(config_path, o | {"threads": threads}, t, parent, (arm, seed))
+        futures = [pipeline_task.submit(config_path, threads | o, t, parent, (arm, seed))
                    for arm, seed, o, t in arms]
         errors = []
         for f in futures:  # resolve every future, failed ones included

@@ -50,12 +50,16 @@ class NstCNN(nn.Module):
         self.stem = nn.Sequential(nn.Conv2d(in_chans, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True))
         n_blocks = sum(depths)
         blocks, cin, k = [], widths[0], 0
+        self.stage_of: list[int] = []  # block index -> stage (timm's coarse grouping)
+        self.feature_info = [dict(num_chs=widths[0], reduction=1, module="stem")]
         for stage, (w, d) in enumerate(zip(widths, depths)):
             for j in range(d):
                 k += 1
                 stride = 2 if (j == 0 and stage > 0) else 1
                 blocks.append(_Block(cin, w, stride, drop_path_rate * k / n_blocks))
+                self.stage_of.append(stage)
                 cin = w
+            self.feature_info.append(dict(num_chs=w, reduction=2 ** stage, module=f"blocks.{k - 1}"))
         self.blocks = nn.Sequential(*blocks)
         self.num_features = cin
         self.pool = nn.AdaptiveAvgPool2d(1)
@@ -74,6 +78,14 @@ class NstCNN(nn.Module):
 
     def get_classifier(self) -> nn.Module:
         return self.fc
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """timm's layer grouping (layer decay, freezing): the stem, then one group per block (coarse: per stage),
+        the classifier last."""
+        if not coarse:
+            return dict(stem=r"^stem", blocks=r"^blocks\.(\d+)")
+        return dict(stem=r"^stem", blocks=[(rf"^blocks\.{i}\.", (s,)) for i, s in enumerate(self.stage_of)])
 
 
 # name -> (widths, depths); each rung has strictly more parameters than the one before.

@@ -5,12 +5,11 @@ Invalid input fails here, before any compute, with one line per problem naming f
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
@@ -24,6 +23,12 @@ __all__ = ["Config", "ConfigError", "load_config", "portable_dump", "config_hash
 SPLITS = ("labeled", "unlabeled", "val", "test", "unlabeled_truth")
 BUILTIN = re.compile(r"toy|digits-([1-9]\d?)")
 GEN = re.compile(r"g(0|[1-9]\d{0,3})")  # g0 ... g9999: names stay short, indices stay small
+FT = "-ft"  # the fine-tuned model's name is its base model's + FT: g2 -> g2-ft
+
+
+def model_order(name: str) -> tuple[int, int]:
+    """Sort key of model names: g0, g1, g2, g2-ft, g3 (a fine-tune right after its base model)."""
+    return int(name.removesuffix(FT)[1:]), int(name.endswith(FT))
 
 
 class _Strict(BaseModel):
@@ -129,6 +134,15 @@ class NoiseConfig(_Strict):
     def off(self) -> bool:
         return self.randaugment_n == 0 and self.dropout == 0 and self.drop_path == 0
 
+    def describe(self) -> str:
+        """The effective noise in one line (printed when training starts, so a config's meaning is visible)."""
+        ra = f"RandAugment N {self.randaugment_n} M {self.randaugment_m:g}" if self.randaugment_n else "RandAugment off"
+        ra += f" (mstd {self.randaugment_mstd:g})" if self.randaugment_n and self.randaugment_mstd else ""
+        return f"{ra}, dropout {self.dropout:g}, stochastic depth {self.drop_path:g}"
+
+
+NOISE_OFF = {"randaugment_n": 0, "dropout": 0.0, "drop_path": 0.0}
+
 
 class TrainConfig(_Strict):
     model: str = Field("nst_cnn_s", description="A model registered in timm (ours, nst_cnn_*, included).")
@@ -145,15 +159,36 @@ class TrainConfig(_Strict):
     label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
     ema: bool = True
     ema_decay: float = Field(0.995, gt=0.0, lt=1.0)
-    noise: NoiseConfig = Field(default_factory=lambda: NoiseConfig(randaugment_n=0, dropout=0.0, drop_path=0.0))
-    amp: bool = Field(True, description="bf16 autocast on CUDA; ignored on CPU.")
+    noise: NoiseConfig = Field(default_factory=lambda: NoiseConfig(**NOISE_OFF),
+                               description="Teacher default: no noise; fields not spelled out keep that default.")
+    amp: Literal["auto"] | bool = Field(
+        "auto", description="bf16 autocast in training, evaluation and labelling. true: on every device (on CPU "
+                            "through oneDNN's bf16 kernels: native on CPUs with AMX/AVX512-BF16, emulated "
+                            "elsewhere); false: fp32 everywhere; auto: bf16 on CUDA, fp32 on CPU.")
     channels_last: bool = Field(True, description="channels_last (NHWC) memory format, on CUDA and on CPU (oneDNN).")
-    compile: bool = Field(False, description="torch.compile the model (CUDA; slower start, faster steps).")
+    compile: bool = Field(False, description="torch.compile (inductor) the training step on every device: Triton "
+                                             "kernels on CUDA, C++ through the system compiler on CPU; slower start "
+                                             "(tens of seconds), faster steps.")
+
+    # Defaults of the noise fields a config does not spell out: the role's own, field by field (ClassVar: not a field).
+    noise_defaults: ClassVar[dict[str, Any]] = NOISE_OFF
 
     @field_validator("model")
     @classmethod
     def _registered_name(cls, v: str) -> str:
         return _model_name(v)
+
+    @field_validator("amp", mode="before")
+    @classmethod
+    def _amp_value(cls, v: Any) -> Any:
+        if isinstance(v, bool) or v == "auto":
+            return v
+        raise ValueError("expected true, false or auto")
+
+    @field_validator("noise", mode="before")
+    @classmethod
+    def _role_noise_defaults(cls, v: Any) -> Any:
+        return {**cls.noise_defaults, **v} if isinstance(v, dict) else v
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> "TrainConfig":
@@ -162,6 +197,16 @@ class TrainConfig(_Strict):
         if self.pretrained and self.pretrained_file is not None:
             raise ValueError("set pretrained or pretrained_file, not both")
         return self
+
+
+class StudentConfig(TrainConfig):
+    """A student's training config: the same fields as the teacher's, but the paper's noise is the default, field
+    by field, so a student block that spells only `model:` or `epochs:` is still noised (the method, not the
+    ablation). Turning all noise off is allowed and warned about at training time."""
+
+    noise: NoiseConfig = Field(default_factory=NoiseConfig, description="Student default: the paper's noise; "
+                                                                         "fields not spelled out keep it.")
+    noise_defaults: ClassVar[dict[str, Any]] = {}
 
 
 class PseudoLabelConfig(_Strict):
@@ -186,7 +231,7 @@ class GenerationConfig(_Strict):
 
     name: str
     teacher: str
-    student: TrainConfig = Field(default_factory=lambda: TrainConfig(noise=NoiseConfig()))
+    student: StudentConfig = Field(default_factory=StudentConfig)
     ratio: float = Field(3.0, gt=0.0, le=1000.0, description="Unlabeled:labeled batch ratio (paper: 1 for B0, 3 for larger).")
     init: Literal["scratch", "teacher"] = Field("scratch", description="Student init; from scratch is often better (paper finding #8).")
     allow_smaller: bool = Field(False, description="Permit a student with fewer parameters than its teacher.")
@@ -248,6 +293,51 @@ class TrackingConfig(_Strict):
     live: bool = Field(True, description="Log per-epoch metrics from the training process while it trains.")
 
 
+class EvaluateConfig(_Strict):
+    image_size: int | None = Field(None, ge=8, le=1024, description="Also evaluate every model at this test "
+                                   "resolution (FixRes: the train/test resolution discrepancy); null = each model "
+                                   "at its own training resolution only.")
+
+
+class FreezeConfig(_Strict):
+    """What the fine-tune keeps fixed: parameters, and BatchNorm in inference mode (running statistics untouched).
+    By timm's structure (the model's group_matcher: stem, then blocks or stages) and/or by name."""
+
+    blocks: int | None = Field(None, ge=0, description="The stem and the first N blocks (timm's fine-grained "
+                                                        "group_matcher; the official code's --fix_layer_num N).")
+    stages: int | None = Field(None, ge=0, description="The stem and the first N stages (the coarse group_matcher).")
+    patterns: list[str] = Field(default_factory=list, description="Module or parameter names, fnmatch globs "
+                                                                  "('blocks.0', '*.attn.qkv', '*fc1*').")
+
+    @model_validator(mode="after")
+    def _one_count(self) -> "FreezeConfig":
+        if self.blocks is not None and self.stages is not None:
+            raise ValueError("set freeze.blocks or freeze.stages, not both")
+        return self
+
+
+class FinetuneConfig(_Strict):
+    """The paper's last step (FixRes): fine-tune one model at the test resolution on unaugmented labeled images,
+    shallow layers fixed; the result is the model `<generation>-ft`, evaluated like the others."""
+
+    enabled: bool = False
+    generation: str | None = Field(None, description="The model to fine-tune (its EMA weights); null = the last.")
+    image_size: int | None = Field(None, ge=8, le=1024, description="null = evaluate.image_size.")
+    epochs: float = Field(1.5, gt=0.0, le=10_000, description="Passes over the labeled set; a fraction counts steps.")
+    lr: float | None = Field(None, gt=0.0, le=10.0, description="null = the last steps of the model's own schedule "
+                                                                "(official --train_last_step_num); else a cosine "
+                                                                "from lr over the fine-tune's steps.")
+    batch_size: int | None = Field(None, ge=1, le=65_536, description="null = the model's own batch size.")
+    freeze: FreezeConfig = Field(default_factory=lambda: FreezeConfig(stages=1))
+
+    @field_validator("generation")
+    @classmethod
+    def _gen_name(cls, v: str | None) -> str | None:
+        if v is not None and not GEN.fullmatch(v):
+            raise ValueError("must be g0, g1, g2, ... (a model of the pipeline)")
+        return v
+
+
 class Config(_Strict):
     seed: int = Field(0, ge=0, le=2**32 - 1)
     device: str = Field("auto", description="auto (CUDA when present) | cpu | cuda | cuda:N")
@@ -261,6 +351,8 @@ class Config(_Strict):
     robustness: RobustnessConfig = Field(default_factory=RobustnessConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     _root: Path = PrivateAttr(default_factory=Path.cwd)
 
     @property
@@ -291,21 +383,60 @@ class Config(_Strict):
             prev, prev_model = g.name, g.student.model
         return self
 
+    @model_validator(mode="after")
+    def _finetune(self) -> "Config":
+        ft = self.finetune
+        if not ft.enabled:
+            return self
+        if ft.generation is not None and ft.generation not in self.model_names():
+            raise ValueError(f"finetune.generation = {quote(ft.generation)}: not a model of this pipeline "
+                             f"({', '.join(self.model_names())})")
+        if ft.image_size is None and self.evaluate.image_size is None:
+            raise ValueError("finetune.enabled needs a resolution: set finetune.image_size or evaluate.image_size")
+        return self
+
     # ---- derived names and paths: the one place that knows the output layout --------------------------------
     def model_names(self) -> list[str]:
+        """The models of the generations: the teacher g0 and its students; each is trained and labels once."""
         return ["g0"] + [g.name for g in self.generations]
+
+    def finetuned(self) -> str | None:
+        """The model the fine-tune starts from (finetune.generation, default the last one); None when it is off."""
+        return (self.finetune.generation or self.model_names()[-1]) if self.finetune.enabled else None
+
+    def finetune_name(self) -> str | None:
+        base = self.finetuned()
+        return base + FT if base else None
+
+    def evaluated_models(self) -> list[str]:
+        """Every model that is evaluated and tracked, in pipeline order: the generations, then the fine-tune."""
+        return sorted(self.model_names() + ([self.finetune_name()] if self.finetune.enabled else []), key=model_order)
+
+    def role(self, name: str) -> str:
+        return "finetune" if name.endswith(FT) else "teacher" if name == "g0" else "student"
+
+    def made_from(self, name: str) -> str | None:
+        """The model `name` learns from: a student's teacher, a fine-tune's base model; None for the g0 teacher."""
+        if name.endswith(FT):
+            return name.removesuffix(FT)
+        return None if name == "g0" else self.generation(name).teacher
+
+    def finetune_size(self) -> int | None:
+        return self.finetune.image_size or self.evaluate.image_size
 
     def generation(self, name: str) -> GenerationConfig:
         for g in self.generations:
             if g.name == name:
                 return g
-        raise ConfigError(f"generation {name!r} is not in params.yaml generations ({[g.name for g in self.generations]})")
+        raise ConfigError(f"generation {quote(name, 80)} is not in params.yaml generations ({[g.name for g in self.generations]})")
 
     def gen_index(self, name: str) -> int:
         """Position in the `generations` list (what DVC's `generations.<i>` params key addresses)."""
         return [g.name for g in self.generations].index(self.generation(name).name)
 
     def train_config(self, name: str) -> TrainConfig:
+        """A model's training settings; a fine-tune's are its base model's (finetune.* come on top)."""
+        name = name.removesuffix(FT)
         if name == "g0":
             return self.teacher
         return self.generation(name).student
@@ -351,6 +482,108 @@ class Config(_Strict):
 
 # ---- loading ---------------------------------------------------------------------------------------
 
+# A config is small: these bounds are far above any real one and far below what exhausts memory or the stack.
+YAML_MAX_BYTES = 4 << 20        # a file
+YAML_MAX_DEPTH = 64             # nested mappings/lists
+YAML_MAX_NODES = 100_000        # values after alias expansion (a 1 KB "billion laughs" expands to 10^9)
+
+
+class _YamlRefused(Exception):
+    """A document the loader refuses (too deep, aliases expanding too far, a key given twice)."""
+
+
+class _SafeLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses what silently goes wrong: a key given twice (the last would win), nesting deep
+    enough to exhaust the stack, aliases whose expansion would exhaust memory, recursive aliases."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent, index):
+        self._depth += 1
+        try:
+            if self._depth > YAML_MAX_DEPTH:
+                raise _YamlRefused(f"nested deeper than {YAML_MAX_DEPTH} levels (line {self.peek_event().start_mark.line + 1})")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node, deep=False):
+        seen: set = set()
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                key = self.construct_object(key_node)
+                if key in seen:
+                    raise _YamlRefused(f"key {quote(key, 60)} given twice in one mapping "
+                                       f"(line {key_node.start_mark.line + 1}); the first would be silently replaced")
+                seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def _expanded_size(root: yaml.Node) -> int:
+    """Nodes after alias expansion, counted over the shared graph (memoised, so a bomb costs its own size)."""
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        nid = id(node)
+        if done:
+            kids = node.value if isinstance(node, yaml.SequenceNode) else \
+                [n for kv in node.value for n in kv] if isinstance(node, yaml.MappingNode) else []
+            sizes[nid] = min(YAML_MAX_NODES + 1, 1 + sum(sizes[id(k)] for k in kids))
+            active.discard(nid)
+            continue
+        if nid in sizes:
+            continue
+        if nid in active:
+            raise _YamlRefused(f"a recursive alias (line {node.start_mark.line + 1})")
+        active.add(nid)
+        stack.append((node, True))
+        kids = node.value if isinstance(node, yaml.SequenceNode) else \
+            [n for kv in node.value for n in kv] if isinstance(node, yaml.MappingNode) else []
+        stack.extend((k, False) for k in kids if id(k) not in sizes)
+    return sizes[id(root)]
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """One YAML document through the bounded loader; any problem is one ConfigError line naming `source`."""
+    if len(text) > YAML_MAX_BYTES:
+        raise ConfigError(f"{source}: {len(text):,} characters; a config file is at most {YAML_MAX_BYTES:,}")
+    loader = None
+    try:
+        loader = _SafeLoader(text)  # the reader already checks characters
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_size(node) > YAML_MAX_NODES:
+            raise _YamlRefused(f"aliases expand to more than {YAML_MAX_NODES:,} values (an alias bomb?)")
+        return loader.construct_document(node)
+    except _YamlRefused as e:
+        raise ConfigError(f"{source}: refused: {e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: not valid YAML ({quote(str(e).splitlines()[0], 160)[1:-1]})") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: refused: nested too deeply") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+def read_yaml(path: str | Path, what: str = "config file") -> Any:
+    """A YAML file as text (UTF-8) through `parse_yaml`: a missing, binary or malformed file is one line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: {what} not found")
+    try:
+        if path.stat().st_size > YAML_MAX_BYTES:
+            raise ConfigError(f"{path}: {path.stat().st_size:,} bytes; a {what} is at most {YAML_MAX_BYTES:,}")
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a UTF-8 text file (byte {e.start})") from None
+    return parse_yaml(text, str(path))
+
 def _set_dotted(d: dict, dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     cur: Any = d
@@ -374,10 +607,7 @@ def parse_overrides(items: list[str] | dict[str, Any] | None) -> dict[str, Any]:
         if "=" not in it:
             raise ConfigError(f"override {quote(it)}: expected key=value (e.g. teacher.epochs=5)")
         k, v = it.split("=", 1)
-        try:
-            out[k.strip()] = yaml.safe_load(v)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"override {quote(it)}: value is not valid YAML ({str(e).splitlines()[0]})") from None
+        out[k.strip()] = parse_yaml(v, f"override {quote(it, 80)}: value")
     return out
 
 
@@ -386,10 +616,16 @@ def override_args(overrides: dict[str, Any] | None) -> list[str]:
     return [f"{k}={json.dumps(v)}" for k, v in (overrides or {}).items()]
 
 
+def _key_text(key: str) -> str:
+    """A key as a message shows it: as typed when plain, quoted when it holds line breaks or other controls (a
+    message stays one line) or is very long."""
+    return key if key.isprintable() and len(key) <= 120 else quote(key, 120)
+
+
 def _format_errors(source: str, err: ValidationError) -> str:
     lines = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(root)"
+        loc = _key_text(".".join(str(p) for p in e["loc"]) or "(root)")
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             lines.append(f"{source}: {loc}: unknown key (value {quote(e.get('input'))})")
@@ -424,7 +660,25 @@ def _resolve_paths(cfg: Config, base: Path, source: str) -> Config:
     for tc in [cfg.teacher] + [g.student for g in cfg.generations]:
         if tc.pretrained_file is not None:
             tc.pretrained_file = fix(tc.pretrained_file)
+    _check_out_dir_apart(cfg, source)
     return cfg
+
+
+def _check_out_dir_apart(cfg: Config, source: str) -> None:
+    """Stages write and clean up inside out_dir: one that holds a data source (or lies inside one) would overwrite
+    or delete the user's data, so it is refused before anything is written."""
+    out = Path(os.path.realpath(cfg.out_dir))
+    for split in SPLITS:
+        src = getattr(cfg.data, split)
+        if src is None:
+            continue
+        real = Path(os.path.realpath(src))
+        if real == out or out in real.parents or real in out.parents:
+            where = "contains" if real != out and out in real.parents else \
+                "is" if real == out else "lies inside"
+            raise ConfigError(f"{source}: out_dir = {quote(cfg.rel(cfg.out_dir))} {where} data.{split} = "
+                              f"{quote(cfg.rel(src))}: outputs would overwrite the data; choose an out_dir apart "
+                              "from every data source")
 
 
 def config_from_dict(raw: dict, source: str = "params.yaml", base: Path | None = None, check_models: bool = True) -> Config:
@@ -434,9 +688,11 @@ def config_from_dict(raw: dict, source: str = "params.yaml", base: Path | None =
         raise ConfigError(_format_errors(source, e)) from None
     cfg = _resolve_paths(cfg, base or Path.cwd(), source)
     if check_models:
-        from nst.validate import check_model_sizes  # builds models on the meta device: pulls in torch
+        from nst.validate import check_batch_split, check_finetune, check_model_sizes  # meta-device models: torch
 
         check_model_sizes(cfg, source)
+        check_batch_split(cfg, source)
+        check_finetune(cfg, source)
     return cfg
 
 
@@ -444,23 +700,31 @@ def load_config(path: str | Path = "params.yaml", overrides: list[str] | dict[st
                 check_models: bool = True) -> Config:
     """Load, override and validate `params.yaml`; paths inside resolve relative to its folder."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not a text file") from None
+    return config_from_dict(raw_config(path, overrides), str(path), path.resolve().parent, check_models)
+
+
+def _unshared(v: Any) -> Any:
+    """A copy of a YAML tree in which no two places share a dict or list: a YAML alias (`*id001`) and an override
+    value are one object where they are used, so setting a key in one place would silently set it in the other
+    (another generation, the caller's overrides)."""
+    if isinstance(v, dict):
+        return {k: _unshared(x) for k, x in v.items()}
+    return [_unshared(x) for x in v] if isinstance(v, list) else v
+
+
+def raw_config(path: str | Path, overrides: list[str] | dict[str, Any] | None = None) -> dict:
+    """`params.yaml` as a dict with the overrides set, in order, not yet validated (what `load_config` validates;
+    a study reads it to know how many generations an arm's run has)."""
+    raw = read_yaml(path) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
-    raw = copy.deepcopy(raw)
+    raw = _unshared(raw)
     for k, v in parse_overrides(overrides).items():
         try:
-            _set_dotted(raw, k, v)
+            _set_dotted(raw, k, _unshared(v))
         except (IndexError, ValueError, TypeError, AttributeError, KeyError):
-            raise ConfigError(f"{path}: override {k}={quote(v)}: no such key") from None
-    return config_from_dict(raw, str(path), path.resolve().parent, check_models)
+            raise ConfigError(f"{path}: override {_key_text(k)}={quote(v)}: no such key") from None
+    return raw
 
 
 def check_device(cfg: Config, source: str = "params.yaml") -> None:

@@ -12,7 +12,7 @@ not on DataLoader workers, not on other threads drawing from Python's global `ra
 
 from __future__ import annotations
 
-import io
+import functools
 import random
 import warnings
 from collections.abc import Callable, Sequence
@@ -29,17 +29,20 @@ import torchvision.io as tvio
 import torchvision.transforms.v2.functional as TF
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from nst.errors import DataError
+from nst.errors import DataError, NstError
 
 if TYPE_CHECKING:
     from nst.config import Config
 
 # torchvision 0.29 deprecates torchvision.io decoding in favour of TorchCodec; it still works and is what this project
-# pins, so the per-call warning is silenced for our calls only.
+# pins, so the per-call warning is silenced for our calls only. TorchCodec (nst/gpu_decode.py's batched decoder) gives
+# the same pixels but always applies a JPEG's EXIF orientation, which no decode here does: moving this one to it would
+# turn such photos in training and evaluation, a change of the data, not of the library.
 _TV_DEPRECATION = "The image decoding and encoding capabilities of TorchVision"
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 JPEG_EXTS = {".jpg", ".jpeg"}
+MANIFEST_SUFFIXES = (".csv", ".parquet", ".pq")
 MEAN = (0.5, 0.5, 0.5)
 STD = (0.5, 0.5, 0.5)
 MANIFEST_SCHEMA = pa.schema([("path", pa.string()), ("label", pa.int32()), ("digest", pa.binary(16)),
@@ -65,20 +68,26 @@ def _read_table(src: Path) -> pa.Table:
 
 
 def scan_source(src: Path, what: str = "data source") -> list[Item]:
-    """The images of an ImageFolder directory or a CSV/Parquet manifest (paths relative to it)."""
+    """The images of an ImageFolder directory (symlinked class folders included) or a CSV/Parquet manifest (paths
+    relative to it)."""
+    from nst.scan import walk_files
+
     src = Path(src)
     if not src.exists():
         raise DataError(f"{src}: {what} does not exist")
     if src.is_dir():
         items = []
-        for p in sorted(src.rglob("*")):
-            rel = p.relative_to(src)
-            if p.suffix.lower() in IMAGE_EXTS and not any(part.startswith(".") for part in rel.parts) and p.is_file():
+        for p in walk_files(src):
+            if p.suffix.lower() in IMAGE_EXTS:
+                rel = p.relative_to(src)
                 items.append(Item(str(p), rel.parts[0] if len(rel.parts) > 1 else None))
         return items
-    if src.suffix.lower() not in (".csv", ".parquet", ".pq"):
+    if src.suffix.lower() not in MANIFEST_SUFFIXES:
         raise DataError(f"{src}: not a directory, .csv or .parquet manifest")
-    table = _read_table(src)
+    return _manifest_items(src, _read_table(src))
+
+
+def _manifest_items(src: Path, table: pa.Table) -> list[Item]:
     if "path" not in table.column_names:
         raise DataError(f"{src}: manifest has no 'path' column (columns: {table.column_names})")
     paths = table.column("path").to_pylist()
@@ -90,6 +99,28 @@ def scan_source(src: Path, what: str = "data source") -> list[Item]:
         full = Path(p) if Path(p).is_absolute() else src.parent / p
         out.append(Item(str(full), None if lab is None or lab == "" else str(lab)))
     return out
+
+
+def manifest_images(src: Path) -> list[tuple[str, str]] | None:
+    """(path as the manifest writes it, path to read) of every image a CSV/Parquet manifest of images lists; None
+    for any other file: not a readable table, no `path` column, or a `digest` column (prepare's own manifests:
+    they pin their images' content themselves). The listed images are such a manifest's data, so a stage's
+    fingerprint digests their content along with the manifest's bytes (tasks/spec.py: path_digest)."""
+    src = Path(src)
+    if src.suffix.lower() not in MANIFEST_SUFFIXES:
+        return None
+    try:
+        if src.suffix.lower() != ".csv":  # the footer alone first: a large Parquet output is not read for nothing
+            names = pq.read_schema(src).names
+            if "path" not in names or "digest" in names:
+                return None
+        table = _read_table(src)
+    except (DataError, pa.ArrowException, OSError):
+        return None  # digested as bytes; prepare names what is wrong with it
+    if "path" not in table.column_names or "digest" in table.column_names:
+        return None
+    written = table.column("path").to_pylist()
+    return [(str(w), it.path) for w, it in zip(written, _manifest_items(src, table))]
 
 
 def infer_classes(items: list[Item], source: Path) -> list[str]:
@@ -111,32 +142,46 @@ def resolve_paths(paths: Sequence[str], root: Path) -> list[str]:
     return [p if Path(p).is_absolute() else str(root / p) for p in paths]
 
 
-def read_manifest(path: Path) -> pa.Table:
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{path}: data not prepared; run `nst prepare` first")
-    return pq.read_table(path)
+def read_manifest(path: Path, columns: list[str] | None = None) -> pa.Table:
+    from nst.io import prepared
+
+    return pq.read_table(prepared(path), columns=columns)
 
 
 def read_classes(cfg: Config) -> list[str]:
     import json
 
-    f = cfg.data_dir / "classes.json"
-    if not f.is_file():
-        raise FileNotFoundError(f"{f}: data not prepared; run `nst prepare` first")
-    return json.loads(f.read_text())
+    from nst.io import prepared
+
+    return json.loads(prepared(cfg.data_dir / "classes.json").read_text())
 
 
 # ---- decoding --------------------------------------------------------------------------------------
 
-def header_size(data: bytes, path: str) -> tuple[int, int]:
-    """(width, height) from the image header only, before any pixel is decoded (PIL's own bomb guard is bypassed
-    so that our configured limit, with its clear message, is the one that applies)."""
-    from nst.scan import ImageError, image_size
+# 8-bit RGB and grey JPEGs and PNGs, the common case, are decoded by torchvision (its JPEG decoder is twice as fast as
+# PIL's, same pixels); every other image by PIL through to_rgb8. Either way: uint8 RGB.
+PLAIN_MODES = ("RGB", "L")
+_TORCHVISION_FORMATS = ("JPEG", "PNG")
+
+
+def converts(mode: str | None) -> bool:
+    """Whether decoding changes what an image of this pixel mode (nst.scan.pixel_mode) holds to make it 8-bit RGB:
+    what prepare counts as converted (grey to RGB is not: the same values, thrice)."""
+    return mode is not None and mode not in PLAIN_MODES
+
+
+def open_image(data: bytes, path: str, max_pixels: int):
+    """The first step of every decode: the header parsed (no pixel decoded) and held to the pixel limit, since
+    torchvision's decoders do not honour PIL's MAX_IMAGE_PIXELS and a tiny PNG can otherwise cost gigabytes. PIL's
+    own bomb guard is bypassed so that our configured limit, with its clear message, is the one that applies."""
+    from nst.scan import ImageError, open_header
 
     try:
-        return image_size(data)
+        im = open_header(data)
     except ImageError as e:
         raise DataError(f"{path}: {e}") from None
+    check_pixels(*im.size, max_pixels, path)
+    return im
 
 
 def check_pixels(width: int, height: int, max_pixels: int, path: str) -> None:
@@ -149,24 +194,58 @@ def check_pixels(width: int, height: int, max_pixels: int, path: str) -> None:
         raise DataError(f"{path}: {e} (a decompression bomb, or raise the limit)") from None
 
 
-def decode_bytes(data: bytes, path: str, max_pixels: int) -> torch.Tensor:
-    """uint8 C×H×W RGB via torchvision.io (grayscale and alpha converted), after the header passed the pixel limit:
-    torchvision's decoders do not honour PIL's MAX_IMAGE_PIXELS, so a tiny PNG can otherwise cost gigabytes."""
-    w, h = header_size(data, path)
-    check_pixels(w, h, max_pixels, path)
+def to_rgb8(im):
+    """Any PIL image as 8-bit RGB, the one rule of every decode path. 16-bit integer samples ("I;16*", and "I",
+    Pillow's mode for 16-bit grey in TIFFs) keep their high byte, as PIL itself does with 16-bit RGB PNGs (its
+    convert() would clip them at 255 and turn a 16-bit photo white); every other mode by PIL's own conversion, as
+    torchvision's and timm's image loaders do: alpha dropped (the colour under it kept), palettes (transparent ones
+    too) and CMYK mapped to their RGB colours, 1-bit to 0/255, floats clipped to 0-255."""
+    from PIL import Image
+
+    if im.mode == "RGB":
+        im.load()
+        return im
+    if im.mode.startswith("I"):
+        a = np.clip(np.asarray(im).astype(np.int32), 0, 65535) >> 8
+        return Image.fromarray(a.astype(np.uint8), "L").convert("RGB")
+    if im.mode == "PA" or (im.mode == "P" and "transparency" in im.info):
+        im = im.convert("RGBA")  # PIL warns when a palette's transparency goes straight to RGB
+    return im.convert("RGB")
+
+
+def _pil_rgb8(im, path: str):
     try:
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=_TV_DEPRECATION, category=DeprecationWarning)
-            return tvio.decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=tvio.ImageReadMode.RGB)
-    except RuntimeError as e:
-        first = str(e).splitlines()[0][:160]
-    try:  # formats torchvision does not decode (BMP, TIFF): PIL, which prepare's checks already accepted
-        from PIL import Image
+            warnings.simplefilter("ignore")  # decoder chatter; the verdict is the exception
+            return to_rgb8(im)
+    except Exception as e:  # noqa: BLE001 - whatever a decoder raises on these bytes, the file cannot be used
+        if isinstance(e, MemoryError):
+            raise
+        raise DataError(f"{path}: cannot decode image ({_first_line(e)}): damaged, or changed since `nst prepare` "
+                        f"(data.verify: decode has prepare decode every image)") from None
 
-        with Image.open(io.BytesIO(data)) as im:
-            return TF.pil_to_tensor(im.convert("RGB"))
-    except (OSError, ValueError):
-        raise DataError(f"{path}: cannot decode image ({first})") from None
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return (lines[0] if lines else type(e).__name__)[:160]
+
+
+def decode_bytes(data: bytes, path: str, max_pixels: int) -> torch.Tensor:
+    """uint8 3×H×W RGB, whatever the file holds: the one decode of training, evaluation, the robustness suite and
+    labelling (the GPU path's non-JPEGs included)."""
+    im = open_image(data, path, max_pixels)
+    if im.format in _TORCHVISION_FORMATS and im.mode in PLAIN_MODES:
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=_TV_DEPRECATION, category=DeprecationWarning)
+                x = tvio.decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                                      mode=tvio.ImageReadMode.RGB)
+            if x.dtype == torch.uint8:
+                return x
+            # 16 bits per sample (PIL calls such a PNG "RGB"): PIL's decoder below keeps the high bytes
+        except RuntimeError:
+            pass  # PIL's decoder below gives the verdict (and the reason)
+    return TF.pil_to_tensor(_pil_rgb8(im, path))
 
 
 def read_bytes(path: str) -> bytes:
@@ -182,19 +261,12 @@ def decode(path: str, max_pixels: int = 89_478_485) -> torch.Tensor:
 
 
 def open_pil(path: str, max_pixels: int, draft_size: int | None = None):
-    """RGB PIL image (for timm's PIL-based training transforms), header-checked first; JPEGs are decoded at a
-    reduced scale (DCT scaling) when much larger than needed."""
-    from PIL import Image
-
-    data = read_bytes(path)
-    check_pixels(*header_size(data, path), max_pixels, path)
-    try:
-        im = Image.open(io.BytesIO(data))
-        if draft_size and im.format == "JPEG":
-            im.draft("RGB", (draft_size, draft_size))
-        return im.convert("RGB")
-    except (OSError, ValueError) as e:
-        raise DataError(f"{path}: cannot decode image ({str(e).splitlines()[0][:160]})") from None
+    """8-bit RGB PIL image (for timm's PIL-based training transforms), by the same steps as decode_bytes; JPEGs are
+    decoded at a reduced scale (DCT scaling) when much larger than needed."""
+    im = open_image(read_bytes(path), path, max_pixels)
+    if draft_size and im.format == "JPEG":
+        im.draft("RGB", (draft_size, draft_size))
+    return _pil_rgb8(im, path)
 
 
 # ---- transforms ----------------------------------------------------------------------------------------
@@ -361,15 +433,17 @@ def dataset_for(data_cfg, paths, *, transform=None, rows=None, cache: bool = Tru
                         cache_mb=data_cfg.cache_mb if cache else 0, rows=rows)
 
 
-def open_split(cfg: Config, split: str, transform: Callable | None = None
+def open_split(cfg: Config, split: str, transform: Callable | None = None, image_size: int | None = None
                ) -> tuple[ImageDataset, torch.Tensor] | None:
-    """(dataset, labels) of a prepared split, or None for an absent optional split."""
+    """(dataset, labels) of a prepared split, or None for an absent optional split; `image_size` other than
+    data.image_size: the same geometry at another resolution (a fine-tune's, a test resolution)."""
     f = cfg.data_dir / f"{split}.parquet"
     if not f.is_file() and split == "val":
         return None
     table = read_manifest(f)
     paths = pa.array(resolve_paths(table.column("path").to_pylist(), cfg.root), pa.string())
-    ds = dataset_for(cfg.data, paths, transform=transform)
+    data = cfg.data if image_size in (None, cfg.data.image_size) else cfg.data.model_copy(update={"image_size": image_size})
+    ds = dataset_for(data, paths, transform=transform)
     labels = torch.from_numpy(table.column("label").to_numpy().astype(np.int64))
     return ds, labels
 
@@ -384,13 +458,15 @@ class EpochBatches(Sampler):
 
     def __init__(self, n: int, batch: int, steps: int, seed: int, stream: int, rank: int = 0, world: int = 1):
         self.n, self.batch, self.steps, self.seed, self.stream = n, batch, steps, seed, stream
-        self.rank, self.world, self.epoch = rank, world, 0
+        self.rank, self.world, self.epoch, self.take = rank, world, 0, steps
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, steps: int | None = None) -> None:
+        """`steps` < the epoch's: an epoch cut short (a run of fractional epochs ends with one) walks the first
+        `steps` batches of the whole epoch, the same images with the same seeds."""
+        self.epoch, self.take = epoch, self.steps if steps is None else steps
 
     def __len__(self) -> int:
-        return self.steps
+        return self.take
 
     def __iter__(self):
         gen = torch.Generator().manual_seed(mix64(self.seed, self.epoch, self.stream) & 0x7FFFFFFFFFFFFFFF)
@@ -399,7 +475,7 @@ class EpochBatches(Sampler):
             chunks.append(torch.randperm(self.n, generator=gen))
             have += self.n
         flat = torch.cat(chunks)[:need].tolist()
-        for s in range(self.steps):
+        for s in range(self.take):
             lo = s * self.batch
             yield [(flat[lo + j], mix64(self.seed, self.epoch, self.stream, lo + j))
                    for j in range(self.rank, self.batch, self.world)]
@@ -408,6 +484,35 @@ class EpochBatches(Sampler):
 def collate_images(batch):
     imgs, rows = zip(*batch)
     return torch.stack(imgs), torch.tensor(rows, dtype=torch.long)
+
+
+class Loader(DataLoader):
+    """A DataLoader whose workers' errors read as in one process: PyTorch re-raises a worker's exception with the
+    worker's whole traceback as its message, so a DataError naming a bad image would no longer be one line."""
+
+    def __iter__(self):
+        return _one_line_errors(super().__iter__())  # started now, as DataLoader's own iterator is
+
+
+def _one_line_errors(it):
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except NstError as e:
+            raise type(e)(_worker_message(e)) from None
+        yield batch
+
+
+def _worker_message(e: BaseException) -> str:
+    """The original message inside PyTorch's "Caught X in DataLoader worker process N. Original Traceback ..."."""
+    text = str(e)
+    if "\n" not in text:
+        return text
+    last = text.rstrip().splitlines()[-1]
+    name = f"{type(e).__module__}.{type(e).__qualname__}: "
+    return last[len(name):] if last.startswith(name) else last
 
 
 def make_loader(ds: Dataset, *, batch_sampler: Sampler | None = None, batch_size: int | None = None,
@@ -420,16 +525,34 @@ def make_loader(ds: Dataset, *, batch_sampler: Sampler | None = None, batch_size
     if workers > 0:
         kw |= dict(persistent_workers=persistent, prefetch_factor=4)
     if batch_sampler is not None:
-        return DataLoader(ds, batch_sampler=batch_sampler, **kw)
-    return DataLoader(ds, batch_size=batch_size, shuffle=False, **kw)
+        return Loader(ds, batch_sampler=batch_sampler, **kw)
+    return Loader(ds, batch_size=batch_size, shuffle=False, **kw)
+
+
+def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A copy to the device that does not make the host wait for the GPU: out of pinned memory, non-blocking (a
+    blocking copy first waits for all the GPU's queued work). The pinning is the one CUDA-only line; on the CPU
+    the copy is a no-op."""
+    if device.type == "cuda" and t.device.type == "cpu" and not t.is_pinned():
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
+@functools.cache
+def _normalisation(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) on the device, made once: made per batch they would be a blocking copy every step. Normal
+    tensors even when first asked for under inference mode (inference tensors are unusable outside it)."""
+    with torch.inference_mode(False):
+        scale = torch.tensor([1.0 / (255.0 * s) for s in STD], device=device).view(1, -1, 1, 1)
+        shift = torch.tensor([m / s for m, s in zip(MEAN, STD)], device=device).view(1, -1, 1, 1)
+    return scale, shift
 
 
 def to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
     """uint8 batch -> normalised float on the device: the uint8 copy crosses (non-blocking from pinned memory on
     CUDA) and is laid out NHWC first, then one float conversion and one in-place multiply-add, no temporaries."""
-    x = x.to(device, non_blocking=True)
+    x = host_to_device(x, device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    scale = torch.tensor([1.0 / (255.0 * s) for s in STD], device=device).view(1, -1, 1, 1)
-    shift = torch.tensor([m / s for m, s in zip(MEAN, STD)], device=device).view(1, -1, 1, 1)
+    scale, shift = _normalisation(device)
     return x.float().mul_(scale).sub_(shift)

@@ -4,6 +4,7 @@ internal error (exit 1, traceback behind `--debug`). Messages name the culprit (
 from __future__ import annotations
 
 import errno
+import reprlib
 
 MAX_QUOTE = 200  # characters of a bad value quoted in a message
 # Exit codes of `nst` (documented in the README): 2 an NstError, 1 anything else, 3 finished with tracking incomplete.
@@ -30,10 +31,25 @@ class StageError(NstError, RuntimeError):
     """A stage cannot run or failed in a way the user can fix (names the stage and the file)."""
 
 
+def _bounded_repr(limit: int) -> reprlib.Repr:
+    r = reprlib.Repr()
+    r.maxlevel, r.maxdict, r.maxlist, r.maxtuple, r.maxset = 3, 6, 6, 6, 6
+    r.maxstring = r.maxother = r.maxlong = limit + 8
+    return r
+
+
 def quote(value: object, limit: int = MAX_QUOTE) -> str:
-    """repr() of a bad value, cut to `limit` characters, so a huge value never floods a message."""
-    r = repr(value)
-    return r if len(r) <= limit else r[: limit - 3] + "..."
+    """repr() of a bad value, cut to `limit` characters; bounded while it is built (a string is cut before it is
+    quoted, a container shows its first items and levels), so a huge or alias-expanded value costs nothing."""
+    if isinstance(value, (str, bytes)):
+        r = repr(value[: limit + 1])
+        cut = len(value) > limit
+    else:
+        r = _bounded_repr(limit).repr(value)
+        cut = False
+    if cut or len(r) > limit:
+        return r[: limit - 3] + "..."
+    return r
 
 
 # OS errors a user can fix (disk full, read-only or missing folder, permissions): one line, exit 2.

@@ -7,6 +7,7 @@ so a crash leaves either the old file or the new one, never half of one.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import functools
 import hashlib
@@ -22,7 +23,10 @@ RUN_TOKEN_ENV = "NST_RUN_TOKEN"
 
 
 def _temp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    """Hidden, unique and short: a file name may be 255 bytes, so a target named near that limit (an S3 key's
+    last part) must not get a longer temp name. Its first 32 characters (at most 128 bytes) tell a leftover's
+    origin; the pid and random part make it unique."""
+    return path.with_name(f".{path.name[:32]}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
 
 
 @contextlib.contextmanager
@@ -32,6 +36,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     The temp file is created with mode 0666 filtered by the process umask (what a plain open() gives), so
     outputs get the usual permissions without reading the umask (which can only be read by changing it)."""
     path = Path(path)
+    if path.is_dir():  # a file cannot replace it; say so naming it, before a temp file is made next to it
+        raise IsADirectoryError(errno.EISDIR, "is a directory, not a file name", str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_name(path)
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
@@ -131,6 +137,13 @@ def dumps(obj: Any) -> str:
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_text(path, dumps(obj))
+
+
+def prepared(path: str | os.PathLike) -> Path:
+    """A file `nst prepare` writes, checked before it is read: pyarrow names a missing file by its bare path."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: missing, the data is not prepared; run `nst prepare` first")
+    return Path(path)
 
 
 def read_json(path: str | os.PathLike) -> Any:

@@ -10,12 +10,12 @@ import time
 from typing import Any
 
 log = logging.getLogger("nst.progress")
-
-PLAIN_EVERY_S = float(os.environ.get("NST_PROGRESS_EVERY_S", "10"))
-
+_BAR_TEXT_EVERY_S = 0.5  # the terminal bar's rate and info text (its count and ETA move at every advance)
 
 def interactive() -> bool:
-    if os.environ.get("NST_PROGRESS", "").lower() in ("plain", "0", "off"):
+    from nst.settings import progress_mode
+
+    if progress_mode() == "plain":
         return False
     return sys.stderr.isatty() and os.environ.get("TERM", "") != "dumb"
 
@@ -28,6 +28,9 @@ class Progress:
         self.log = logger or log
         self.done, self.t0, self.last = 0, time.monotonic(), time.monotonic()
         self.info: dict[str, Any] = {}
+        from nst.settings import progress_every_s
+
+        self.every_s = progress_every_s()
         self._bar = None
 
     def __enter__(self) -> "Progress":
@@ -46,15 +49,22 @@ class Progress:
         return self.done / max(1e-9, time.monotonic() - self.t0)
 
     def _info(self) -> str:
-        return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.info.items())
+        """The info values, callables among them called now: a value that costs something to read (a sum kept on
+        the GPU: reading it waits for the GPU) is read only when shown, not at every advance."""
+        shown = {k: v() if callable(v) else v for k, v in self.info.items()}
+        return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items())
 
     def advance(self, n: int = 1, **info: Any) -> None:
         self.done += n
         self.info.update(info)
         now = time.monotonic()
         if self._bar is not None:
-            self._bar.update(self._task, advance=n, rate=f"{self.rate():.1f} {self.unit}/s", info=self._info())
-        elif now - self.last >= PLAIN_EVERY_S:
+            text = {}
+            if now - self.last >= _BAR_TEXT_EVERY_S or self.done == n or (self.total and self.done >= self.total):
+                self.last = now
+                text = dict(rate=f"{self.rate():.1f} {self.unit}/s", info=self._info())
+            self._bar.update(self._task, advance=n, **text)
+        elif now - self.last >= self.every_s:
             self.last = now
             of = f"/{self.total}" if self.total else ""
             eta = ""

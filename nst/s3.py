@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nst.errors import NstError
+from nst.errors import ConfigError, DataError, NstError, quote
 from nst.progress import Progress
 from nst.secrets import redact
 
@@ -27,7 +27,6 @@ from nst.io import atomic_path, atomic_write_json, read_json
 log = logging.getLogger(__name__)
 
 MANIFEST_NAME = ".s3-manifest.json"
-ENDPOINT_ENV_VARS = ("NST_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL")
 _CHUNK = 1 << 20
 _BUCKET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.\-_]{1,253}[A-Za-z0-9]$")
 _TRANSIENT_CODES = {"InternalError", "ServiceUnavailable", "SlowDown", "Throttling", "RequestTimeout"}
@@ -66,12 +65,9 @@ class S3Object:
 
 def resolve_endpoint(endpoint_url: str | None = None) -> str | None:
     """Argument, else $NST_S3_ENDPOINT_URL, else $AWS_ENDPOINT_URL, else None (real AWS)."""
-    if endpoint_url:
-        return endpoint_url
-    for var in ENDPOINT_ENV_VARS:
-        if os.environ.get(var):
-            return os.environ[var]
-    return None
+    from nst.settings import s3_endpoint
+
+    return endpoint_url or s3_endpoint()
 
 
 def make_client(
@@ -96,13 +92,23 @@ def make_client(
     return boto3.session.Session().client("s3", endpoint_url=resolve_endpoint(endpoint_url), config=config)
 
 
+def _bad_uri(uri: object, problem: str) -> ConfigError:
+    return ConfigError(redact(f"{quote(uri)}: {problem} (expected s3://bucket/prefix)"))
+
+
 def parse_s3_uri(uri: str) -> tuple[str, str]:
-    """'s3://bucket/some/prefix' -> ('bucket', 'some/prefix'); the prefix may be empty."""
+    """'s3://bucket/some/prefix' -> ('bucket', 'some/prefix'); the prefix may be empty. A malformed URI is a
+    one-line ConfigError naming it. '.' and '..' are not folders in S3 (a key is a name), so a prefix with them is
+    a mistake, refused like the keys with them a pull refuses."""
     if not isinstance(uri, str) or not uri.startswith("s3://"):
-        raise ValueError(f"not an S3 URI (expected s3://bucket/prefix): {uri!r}")
+        raise _bad_uri(uri, "not an S3 URI")
     bucket, _, prefix = uri[len("s3://") :].partition("/")
+    if not bucket:
+        raise _bad_uri(uri, "no bucket name in the S3 URI")
     if not _BUCKET_RE.match(bucket):
-        raise ValueError(f"bad bucket name in S3 URI (expected s3://bucket/prefix): {uri!r}")
+        raise _bad_uri(uri, "bad bucket name in the S3 URI")
+    if any(part in (".", "..") for part in prefix.split("/")):
+        raise _bad_uri(uri, "a '.' or '..' part in the prefix of the S3 URI")
     return bucket, prefix
 
 
@@ -232,8 +238,8 @@ def pull_prefix(
         raise S3PullError(f"{uri}: cannot list objects ({_s3_reason(e)})") from None
     bad = [o.key for o in objects if not _safe_rel(o.rel)]
     if bad:
-        shown = ", ".join(repr(k) for k in bad[:5]) + (f" (+{len(bad) - 5} more)" if len(bad) > 5 else "")
-        raise ValueError(f"refusing to pull {uri}: {len(bad)} key(s) would escape or clash in {dest}: {shown}")
+        shown = ", ".join(quote(k, 80) for k in bad[:5]) + (f" (+{len(bad) - 5} more)" if len(bad) > 5 else "")
+        raise DataError(f"refusing to pull {uri}: {len(bad)} key(s) would escape or clash in {dest}: {shown}")
     if not objects and not allow_empty:
         raise S3PullError(f"no objects under {uri} (wrong bucket or prefix?)")
 

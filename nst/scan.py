@@ -5,7 +5,9 @@ proves little more than the header does, while the header alone already tells th
 48 KB PNG can declare 20000x20000 pixels and cost ~1 GB to decode (torchvision ignores PIL's MAX_IMAGE_PIXELS), so
 such files are rejected from the header, before anything decodes them. Each file's bytes are hashed on the same read,
 so the manifest can record *content* (not mtimes) and a fresh clone of the same data fingerprints identically. A
-cache keyed by (path, size, mtime, inode), as DVC keeps one, lets an unchanged file skip even that one read.
+cache keyed by (path, size, mtime, inode), as DVC keeps one, lets an unchanged file skip even that one read. The same
+read also checks that JPEG, PNG and WebP data reach their end (a truncated file passes a header check otherwise, and
+stops training or labelling much later).
 
 This module imports neither torch nor nst.data: worker processes start in a fraction of a second.
 """
@@ -30,12 +32,14 @@ from typing import BinaryIO, Callable, Iterable, NamedTuple, Sequence
 
 from PIL import Image, UnidentifiedImageError
 
+from nst.errors import DataError
+
 log = logging.getLogger("nst.scan")
 
 DIGEST_CHARS = 32  # 128 bits of sha256: collision-free for any dataset, half the bytes in every manifest row
 LIMIT_NAME = "data.max_image_pixels"
 _MAX_ERROR = 200
-_CACHE_SCHEMA = 1
+_CACHE_SCHEMA = 2  # 2: the truncation check and the pixel mode
 _BLOCK_MIN = 16384  # paths stat-ed and looked up at a time
 
 
@@ -52,6 +56,7 @@ class FileCheck:
     width: int | None
     height: int | None
     error: str | None = None  # one line, <= 200 chars; None = usable
+    mode: str | None = None  # the header's pixel mode (PIL's name; "RGB;16": 16 bits per sample), see pixel_mode
 
     @property
     def ok(self) -> bool:
@@ -79,6 +84,7 @@ class Entry(NamedTuple):
     header_error: str | None
     decode_ok: bool | None  # None: never decoded (verify="header", or the header already failed)
     decode_error: str | None
+    mode: str | None = None
 
 
 def _one_line(text: object, limit: int = _MAX_ERROR) -> str:
@@ -129,6 +135,62 @@ def _open_image(fp: BinaryIO) -> Image.Image:
     return im
 
 
+def open_header(data: bytes) -> Image.Image:
+    """The image in `data`, its header parsed and no pixel decoded (PIL opens lazily), whatever its declared size:
+    the caller applies the pixel limit before anything loads it."""
+    return _open_image(io.BytesIO(data))
+
+
+def pixel_mode(im: Image.Image, data: bytes) -> str:
+    """PIL's mode, except that a PNG with 16 bits per sample, which PIL opens as 8-bit "RGB"/"RGBA" (keeping each
+    sample's high byte), is told apart as "RGB;16"/"RGBA;16": prepare reports what decoding converts."""
+    if im.format == "PNG" and im.mode in ("RGB", "RGBA") and len(data) > 24 and data[24] == 16:  # IHDR bit depth
+        return im.mode + ";16"
+    return im.mode
+
+
+def _jpeg_complete(data: bytes) -> bool:
+    """Past the header segments (each says its length) to the first scan; an end-of-image marker (FF D9) must follow.
+    Entropy-coded data never holds FF D9 (a data byte FF is stuffed as FF 00), so a file cut short has none; bytes
+    after the marker (camera trailers, padding) are allowed."""
+    i, n = 2, len(data)
+    while i + 4 <= n:
+        if data[i] != 0xFF:  # junk between segments: skipped, as PIL's parser does
+            i += 1
+            continue
+        marker = data[i + 1]
+        if marker == 0xDA:  # start of scan
+            return data.rfind(b"\xff\xd9") > i  # from the end: found at once in a complete file
+        if marker == 0xFF or marker == 0x01 or 0xD0 <= marker <= 0xD8:  # fill byte, markers without a length
+            i += 1 if marker == 0xFF else 2
+            continue
+        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    return False
+
+
+def _png_complete(data: bytes) -> bool:
+    """The chunk lengths, followed from the signature, reach an IEND chunk."""
+    i, n = 8, len(data)
+    while i + 8 <= n:
+        if data[i + 4:i + 8] == b"IEND":
+            return True
+        i += 12 + int.from_bytes(data[i:i + 4], "big")
+    return False
+
+
+def end_error(im: Image.Image, data: bytes) -> str | None:
+    """Why the file stops before its image data ends (None: complete, or a format without a cheap check). Costs a
+    walk over the segment or chunk headers of bytes already read, not a decode."""
+    fmt = im.format
+    if fmt == "JPEG" and not _jpeg_complete(data):
+        return "truncated or corrupt (no JPEG end-of-image marker after the image data)"
+    if fmt == "PNG" and not _png_complete(data):
+        return "truncated or corrupt (the PNG ends before its IEND chunk)"
+    if fmt == "WEBP" and len(data) < 8 + int.from_bytes(data[4:8], "little"):
+        return "truncated or corrupt (the WebP file is shorter than its RIFF header says)"
+    return None
+
+
 def image_size(data: bytes | str | os.PathLike) -> tuple[int, int]:
     """(width, height) from the header alone, without decoding: cheap even for a decompression bomb."""
     if isinstance(data, (bytes, bytearray, memoryview)):
@@ -174,12 +236,13 @@ def _examine(path: str, verify: str, max_pixels: int | None) -> Entry | str:
     except OSError as e:
         return _one_line(f"cannot read file ({e.strerror or e})")
     digest = hashlib.sha256(data).hexdigest()[:DIGEST_CHARS]
-    width = height = header_error = decode_ok = decode_error = None
+    width = height = header_error = decode_ok = decode_error = mode = None
     try:
         if not data:
             raise ImageError("empty file")
-        im = _open_image(io.BytesIO(data))
+        im = open_header(data)
         width, height = im.size
+        mode, header_error = pixel_mode(im, data), end_error(im, data)
     except ImageError as e:
         header_error = str(e)
     if verify == "decode" and header_error is None and _pixel_error(width, height, max_pixels) is None:
@@ -193,7 +256,7 @@ def _examine(path: str, verify: str, max_pixels: int | None) -> Entry | str:
         except Exception as e:  # noqa: BLE001 - whatever the decoder raises, the file cannot be used
             decode_ok, decode_error = False, _one_line(f"truncated or corrupt (decode failed: {e})")
     return Entry(path, st.st_size, st.st_mtime_ns, _inode(st), digest, width, height, header_error, decode_ok,
-                 decode_error)
+                 decode_error, mode)
 
 
 def _examine_chunk(paths: list[str], verify: str, max_pixels: int | None) -> list[Entry | str]:
@@ -256,12 +319,13 @@ class HashCache:
                 db.execute(
                     "CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, size INTEGER NOT NULL,"
                     " mtime_ns INTEGER NOT NULL, inode INTEGER NOT NULL, digest TEXT NOT NULL, width INTEGER,"
-                    " height INTEGER, header_error TEXT, decode_ok INTEGER, decode_error TEXT) WITHOUT ROWID")
+                    " height INTEGER, header_error TEXT, decode_ok INTEGER, decode_error TEXT, mode TEXT)"
+                    " WITHOUT ROWID")
                 # Always written: sqlite opens an unwritable file read-only without a word, and this is how we learn.
                 db.execute(f"PRAGMA user_version={_CACHE_SCHEMA}")
                 db.commit()
             db.execute("SELECT path, size, mtime_ns, inode, digest, width, height, header_error, decode_ok,"
-                       " decode_error FROM files LIMIT 1").fetchall()
+                       " decode_error, mode FROM files LIMIT 1").fetchall()
         except BaseException:
             db.close()
             raise
@@ -341,13 +405,13 @@ class HashCache:
             for i in range(0, len(keys), self.BATCH):
                 batch = keys[i:i + self.BATCH]
                 rows = self._db.execute(
-                    "SELECT path, size, mtime_ns, inode, digest, width, height, header_error, decode_ok, decode_error"
-                    f" FROM files WHERE path IN ({','.join('?' * len(batch))})", batch).fetchall()
+                    "SELECT path, size, mtime_ns, inode, digest, width, height, header_error, decode_ok, decode_error,"
+                    f" mode FROM files WHERE path IN ({','.join('?' * len(batch))})", batch).fetchall()
                 for row in rows:
                     s = want[row[0]]
                     if (row[1], row[2], row[3]) == (s.size, s.mtime_ns, s.inode):
                         ok = row[8]
-                        found[row[0]] = Entry(*row[:8], None if ok is None else bool(ok), row[9])
+                        found[row[0]] = Entry(*row[:8], None if ok is None else bool(ok), *row[9:])
         except sqlite3.DatabaseError as e:
             self._recover(e)
             return {}
@@ -358,12 +422,12 @@ class HashCache:
         if self._db is None or not self.writable:
             return
         rows = [(e.path, e.size, e.mtime_ns, e.inode, e.digest, e.width, e.height, e.header_error,
-                 None if e.decode_ok is None else int(e.decode_ok), e.decode_error) for e in entries]
+                 None if e.decode_ok is None else int(e.decode_ok), e.decode_error, e.mode) for e in entries]
         if not rows:
             return
         try:
             with self._db:
-                self._db.executemany("INSERT OR REPLACE INTO files VALUES (?,?,?,?,?,?,?,?,?,?)", rows)
+                self._db.executemany("INSERT OR REPLACE INTO files VALUES (?,?,?,?,?,?,?,?,?,?,?)", rows)
         except sqlite3.DatabaseError as e:
             self._recover(e)
 
@@ -388,7 +452,7 @@ def _to_check(path: str, e: Entry, verify: str, max_pixels: int | None) -> FileC
     error = e.header_error or _pixel_error(e.width, e.height, max_pixels)
     if error is None and verify == "decode" and e.decode_ok is False:
         error = e.decode_error
-    return FileCheck(path, e.size, e.mtime_ns, e.digest, e.width, e.height, error)
+    return FileCheck(path, e.size, e.mtime_ns, e.digest, e.width, e.height, error, e.mode)
 
 
 def _settled(e: Entry, verify: str, max_pixels: int | None) -> bool:
@@ -548,14 +612,55 @@ class _Pool:
             self.ex = None
 
 
-def tree_digest(folder: str | os.PathLike, cache: HashCache | None = None, workers: int = 1) -> str:
-    """Content digest of a folder: (relative path, content digest) of every visible file, in order. Unchanged
-    files come from the cache, so checking a large image folder again costs a stat per file."""
+def walk_files(folder: str | os.PathLike) -> list[Path]:
+    """Every visible file under `folder` (no name on the way starting with "."), sorted, as paths under `folder`: the
+    one walk of a data folder, for the scan and the fingerprint alike. Symbolic links to folders are followed (a
+    dataset assembled from links, `labeled/cats -> /data/cats`, is that dataset; Path.rglob would drop those
+    classes without a word), except a link back to a folder it is inside: that loop is skipped with a warning, since
+    everything in it is walked already. A dangling link is listed (the check then reports it unreadable)."""
     folder = Path(folder)
-    files = sorted(p for p in folder.rglob("*")
-                   if not any(part.startswith(".") for part in p.relative_to(folder).parts) and p.is_file())
+    try:
+        st = folder.stat()
+    except OSError as e:
+        raise DataError(f"{folder}: cannot read folder ({e.strerror or e})") from None
+    out: list[Path] = []
+    todo = [(folder, frozenset([(st.st_dev, st.st_ino)]))]  # a folder and the real folders on its path
+    while todo:
+        d, above = todo.pop()
+        try:
+            with os.scandir(d) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as e:
+            raise DataError(f"{d}: cannot list folder ({e.strerror or e})") from None
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            p = d / entry.name
+            if entry.is_dir():  # follows links
+                st = entry.stat()
+                if (st.st_dev, st.st_ino) in above:
+                    log.warning("%s: links back to the folder %s it is inside: not followed (a loop)", p,
+                                os.path.realpath(p))
+                    continue
+                todo.append((p, above | {(st.st_dev, st.st_ino)}))
+            elif entry.is_file() or (entry.is_symlink() and not os.path.exists(p)):
+                out.append(p)
+    return sorted(out)  # Path order, as the rglob this replaces: fingerprints of existing folders stay the same
+
+
+def files_digest(names: Sequence[str], files: Sequence[str | os.PathLike], cache: HashCache | None = None,
+                 workers: int = 1) -> str:
+    """sha256 over (name, content digest) of each file, in the given order; unchanged files come from the cache, so
+    checking a large image set again costs a stat per file."""
     checks = check_files(files, max_pixels=None, verify="header", workers=workers, cache=cache)
     h = hashlib.sha256()
-    for p, ck in zip(files, checks):
-        h.update(f"{p.relative_to(folder).as_posix()}\0{ck.digest or 'unreadable'}\n".encode())
+    for name, ck in zip(names, checks):
+        h.update(f"{name}\0{ck.digest or 'unreadable'}\n".encode())
     return h.hexdigest()
+
+
+def tree_digest(folder: str | os.PathLike, cache: HashCache | None = None, workers: int = 1) -> str:
+    """Content digest of a folder: (relative path, content digest) of every file `walk_files` finds, in order."""
+    folder = Path(folder)
+    files = walk_files(folder)
+    return files_digest([p.relative_to(folder).as_posix() for p in files], files, cache, workers)

@@ -23,7 +23,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from nst.config import Config, config_hash, portable_dump
+from nst.config import FT, Config, config_hash, model_order, portable_dump
+from nst.errors import StageError
 from nst.io import atomic_write_json, read_json
 from nst.secrets import move_tracking_credentials, redact
 
@@ -44,7 +45,9 @@ def tracking_uri(cfg: Config) -> str:
     return uri or f"sqlite:///{(cfg.out_dir / 'mlflow.db').resolve()}"
 
 
-def _client(cfg: Config):
+def _client(cfg: Config, *, read_only: bool = False):
+    """`read_only` (for commands that only read the store): a local store that does not exist is an error naming
+    it, rather than an empty one created there (with its folder)."""
     from mlflow import MlflowClient
 
     # MLflow's HTTP retries are the one retry layer; its defaults (7 retries, 120 s timeout) would stall a run on a
@@ -54,7 +57,11 @@ def _client(cfg: Config):
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
     uri = tracking_uri(cfg)
     if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        db = Path(uri[len("sqlite:///"):])
+        if read_only and not db.is_file():
+            raise StageError(f"{db}: no MLflow store there, nothing has been tracked (check out_dir or "
+                             "tracking.tracking_uri)")
+        db.parent.mkdir(parents=True, exist_ok=True)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
@@ -193,10 +200,22 @@ def finish_pipeline(cfg: Config, run_id: str | None, status: str = "FINISHED") -
 # ---- one generation (child) run ---------------------------------------------------------------------------
 
 def _train_section(dump: dict, gen: str) -> tuple[dict, dict]:
+    """(the model's training section, extra params): a fine-tune's are its base model's and the finetune one."""
+    if gen.endswith(FT):
+        train, _ = _train_section(dump, gen.removesuffix(FT))
+        return train, {"finetune": dump["finetune"], "evaluate": dump["evaluate"]}
     if gen == "g0":
         return dump["teacher"], {}
     g = next(g for g in dump["generations"] if g["name"] == gen)
     return g["student"], {f"generation.{k}": g[k] for k in ("teacher", "ratio", "init", "allow_smaller")}
+
+
+def _source_tags(cfg: Config, gen: str, run_id: str | None) -> dict[str, str]:
+    """The run of the model `gen` learns from: a student's teacher, a fine-tune's base model."""
+    if not run_id:
+        return {}
+    kind = "base" if cfg.role(gen) == "finetune" else "teacher"
+    return {f"{kind}_run_id": run_id, f"{kind}_generation": cfg.made_from(gen)}
 
 
 @_guarded("open_generation")
@@ -209,20 +228,20 @@ def open_generation(cfg: Config, gen: str, parent_run_id: str | None, teacher_ru
     client = _client(cfg)
     parent = client.get_run(parent_run_id)
     tc = cfg.train_config(gen)
-    tags = {"kind": "generation", "generation": gen, "role": "teacher" if gen == "g0" else "student",
-            "model": tc.model, "mlflow.parentRunId": parent_run_id}
+    tags = {"kind": "generation", "generation": gen, "role": cfg.role(gen), "model": tc.model,
+            "mlflow.parentRunId": parent_run_id}
     tags |= {k: v for k, v in parent.data.tags.items() if k in ("pipeline_id", "config_hash", "git_commit",
                                                                 "mlflow.source.git.commit", "prefect_flow_run_id",
                                                                 "arm", "seed", "study")}
-    if teacher_run_id:
-        tags |= {"teacher_run_id": teacher_run_id, "teacher_generation": cfg.generation(gen).teacher}
+    tags |= _source_tags(cfg, gen, teacher_run_id)
     run = client.create_run(parent.info.experiment_id, tags=tags, run_name=f"{gen}-{tags['role']}")
     dump = portable_dump(cfg)
     train, extra = _train_section(dump, gen)
     params = {"seed": dump["seed"], "generation": gen, "data": dump["data"], "train": train,
               "pseudo_label": dump["pseudo_label"], "filter": dump["filter"], "robustness": dump["robustness"]}
+    number, ft = model_order(gen)  # g2-ft sits at 2.5 on the compare view's generation axis
     client.log_batch(run.info.run_id, params=_params(params | extra),
-                     metrics=[Metric("generation", int(gen[1:]), int(time.time() * 1000), 0)])
+                     metrics=[Metric("generation", number + 0.5 * ft, int(time.time() * 1000), 0)])
     return run.info.run_id
 
 
@@ -289,6 +308,7 @@ def _finish_generation(cfg: Config, gen: str, run_id: str) -> str:
 
     from nst.checkpoint import read_meta
     from nst.metrics import training_curves
+    from nst.report import read_metrics
 
     client, now = _client(cfg), int(time.time() * 1000)
     mdir, edir = cfg.model_dir(gen), cfg.eval_dir(gen)
@@ -296,11 +316,13 @@ def _finish_generation(cfg: Config, gen: str, run_id: str) -> str:
     have = _logged_steps(client, run_id)
     metrics = [Metric(key, float(r[k]), now, int(r["epoch"])) for r in history for k, key in EPOCH_KEYS.items()
                if k in r and int(r["epoch"]) not in have[key]]  # what live logging missed, never twice
-    final = dict(read_json(edir / "metrics.json"))
+    final = dict(read_metrics(cfg, gen))
     used: dict[str, str] = {}
     class_acc = read_json(edir / "class_accuracy.json") if (edir / "class_accuracy.json").is_file() else {}
     final |= {f"class_acc/{metric_key(c, used)}": a for c, a in class_acc.items()}
     final |= {"model/params": meta["params"], "model/best_epoch": meta["best_epoch"]}
+    if isinstance(meta.get("image_size"), int):
+        final["model/image_size"] = meta["image_size"]
     if meta.get("best_val_acc") is not None:
         final["model/best_val_acc"] = meta["best_val_acc"]
     lstats_f = cfg.labels_dir(gen) / "stats.json"
@@ -385,10 +407,10 @@ def _log_inputs(cfg: Config, client, gen: str, run_id: str) -> None:
     import pyarrow.parquet as pq
     from mlflow.entities import Dataset, DatasetInput, InputTag, LoggedModelInput
 
+    role = cfg.role(gen)
     files = [("labeled", "training"), ("val", "validation"), ("unlabeled", "labeling"), ("test", "evaluation")]
-    items = [(cfg.data_dir / f"{n}.parquet", n, c) for n, c in files]
-    teacher = None if gen == "g0" else cfg.generation(gen).teacher
-    if teacher:
+    items = [(cfg.data_dir / f"{n}.parquet", n, c) for n, c in files if not (role == "finetune" and n == "unlabeled")]
+    if role == "student":
         items.append((cfg.balanced_dir(gen) / "balanced.parquet", f"{gen}-pseudo-labels", "training"))
     datasets = [DatasetInput(Dataset(name=name, digest=_digest(p), source_type="local",
                                      source=json.dumps({"uri": cfg.rel(p)}),
@@ -397,7 +419,8 @@ def _log_inputs(cfg: Config, client, gen: str, run_id: str) -> None:
                              tags=[InputTag("mlflow.data.context", ctx)])
                 for p, name, ctx in items if p.is_file()]
     models = []
-    if teacher and (trun := client.get_run(run_id).data.tags.get("teacher_run_id")):
+    tags = client.get_run(run_id).data.tags
+    if trun := tags.get("teacher_run_id") or tags.get("base_run_id"):
         outs = client.get_run(trun).outputs
         models = [LoggedModelInput(o.model_id) for o in (outs.model_outputs if outs else [])][:1]
     client.log_inputs(run_id, datasets=datasets, models=models or None)
@@ -421,16 +444,20 @@ def _digest(path: Path, full: bool = False) -> str:
 # ---- backfill and read-back ----------------------------------------------------------------------------------
 
 def track_finished(cfg: Config, *, flow_run_id: str | None = None) -> str | None:
-    """Log a pipeline that already ran (e.g. during a tracking outage) from its outputs: `nst track`."""
+    """Log a pipeline that already ran (e.g. during a tracking outage) from its outputs: `nst track`. Nothing
+    evaluated (or a metrics file it cannot read) is an error before any run is created: an empty pipeline is never
+    logged as a finished one."""
     from nst.checkpoint import is_complete
+    from nst.report import finished_rows
 
+    finished_rows(cfg)
     parent = start_pipeline(cfg, flow_run_id=flow_run_id)
     if parent is None:
         return None
-    prev = None
-    for gen in cfg.model_names():
+    runs: dict[str, str | None] = {}
+    for gen in cfg.evaluated_models():
         if not (is_complete(cfg.model_dir(gen)) and (cfg.eval_dir(gen) / "metrics.json").is_file()):
             break
-        prev = finish_generation(cfg, gen, open_generation(cfg, gen, parent, prev))
+        runs[gen] = finish_generation(cfg, gen, open_generation(cfg, gen, parent, runs.get(cfg.made_from(gen))))
     finish_pipeline(cfg, parent, "FINISHED")
     return parent

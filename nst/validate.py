@@ -52,3 +52,44 @@ def check_sources(cfg: Config, source: str = "params.yaml") -> None:
             raise ConfigError(f"{source}: data.{field} = {quote(cfg.rel(p))}: {e.strerror}") from None
         if not ok:
             raise ConfigError(f"{source}: data.{field} = {quote(cfg.rel(p))}: does not exist")
+
+
+def check_batch_split(cfg: Config, source: str = "params.yaml") -> None:
+    """Under DDP each process takes an equal slice of every batch: a batch the processes cannot split evenly is a
+    config error here, not a traceback from inside the ranks behind torchrun's."""
+    from nst.distributed import nproc
+
+    world = nproc(cfg.distributed.nproc_per_node)
+    if world == 1:
+        return
+    batches = [("teacher.batch_size", cfg.teacher.batch_size)]
+    for i, g in enumerate(cfg.generations):
+        b = g.student.batch_size
+        batches += [(f"generations[{i}].student.batch_size", b),
+                    (f"generations[{i}].student.batch_size x ratio", max(1, round(b * g.ratio)))]
+    if base := cfg.finetuned():
+        batches.append(("finetune.batch_size", cfg.finetune.batch_size or cfg.train_config(base).batch_size))
+    for field, b in batches:
+        if b % world:
+            raise ConfigError(f"{source}: {field} = {b}: must be a multiple of distributed.nproc_per_node = "
+                              f"{cfg.distributed.nproc_per_node} ({world} training processes)")
+
+
+def check_finetune(cfg: Config, source: str = "params.yaml") -> None:
+    """The fine-tune's freeze selection fits its model (counts within its blocks, patterns that match), checked on
+    the meta device before any compute rather than after the whole pipeline has trained."""
+    base = cfg.finetuned()
+    if base is None:
+        return
+    import timm
+    import torch
+
+    from nst.freeze import frozen_parameters
+
+    name = cfg.train_config(base).model
+    with torch.device("meta"):
+        model = timm.create_model(name, num_classes=len(cfg.data.classes) if cfg.data.classes else 10)
+    try:
+        frozen_parameters(model, cfg.finetune.freeze, name)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from nst.config import Config
 from nst.errors import StageError
-from nst.io import atomic_write_json
+from nst.io import atomic_write_json, prepared
 from tasks.shards import shard_paths, truth
 from tasks.spec import CORE, Stage
 
@@ -26,7 +26,7 @@ def filter_balance(cfg: Config, gen: str, fingerprint: str = "") -> dict:
 
     g = cfg.generation(gen)
     # read here, not by nst.data.read_classes: nst/data.py is not this stage's code (editing it re-runs nothing here)
-    classes = json.loads((cfg.data_dir / "classes.json").read_text())
+    classes = json.loads(prepared(cfg.data_dir / "classes.json").read_text())
     shards = shard_paths(cfg, g.teacher)
     missing = [p for p in shards if not p.is_file()]
     if missing:

@@ -97,9 +97,9 @@ def label_shards(cfg: Config, gen: str, shards: list[int]) -> list[dict]:
 
 def _logits(model, paths: list[str], cfg: Config, device: torch.device, tc) -> torch.Tensor:
     if device.type == "cuda" and cfg.pseudo_label.gpu_decode:
-        from nst.gpu_decode import predict_logits_gpu_decode
+        from nst.gpu_decode import predict_logits_from_bytes
 
-        return predict_logits_gpu_decode(model, paths, cfg.data, device, cfg.pseudo_label.batch_size,
+        return predict_logits_from_bytes(model, paths, cfg.data, device, cfg.pseudo_label.batch_size,
                                          cfg.data.num_workers, amp=tc.amp, channels_last=tc.channels_last)
     ds = dataset_for(cfg.data, paths, cache=False)  # clean: no augmentation
     return predict_logits(model, ds, device, cfg.pseudo_label.batch_size, cfg.data.num_workers, amp=tc.amp,

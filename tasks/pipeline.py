@@ -3,9 +3,10 @@ Prefect flow (flows/) and by `nst dvc-yaml` (which writes dvc.yaml from it).
 
     data (built-in sets only) -> prepare -> for g0, g1, ...:
         [filter-balance (students)] -> train -> evaluate -> label -> tracking
+        [after the fine-tuned one (finetune.enabled): finetune gN-ft -> evaluate gN-ft -> tracking]
 
 A model is labelled once, right after it is evaluated; the next generation's filter-balance reads those shards,
-and so do the model's labeler statistics.
+and so do the model's labeler statistics. The fine-tuned model labels nothing.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from nst.config import Config, override_args
 from nst.distributed import nproc, under_torchrun
 from tasks.evaluate import EVALUATE
 from tasks.filter_balance import FILTER_BALANCE
+from tasks.finetune import FINETUNE
 from tasks.label import LABEL
 from tasks.builtin_data import DATA
 from tasks.prepare import PREPARE
@@ -28,8 +30,8 @@ from tasks.train import TRAIN_STUDENT, TRAIN_TEACHER
 log = logging.getLogger("nst.pipeline")
 
 STAGES: dict[str, Stage] = {s.name: s for s in (DATA, PREPARE, TRAIN_TEACHER, TRAIN_STUDENT, EVALUATE, LABEL,
-                                                FILTER_BALANCE)}
-TRAINING = (TRAIN_TEACHER, TRAIN_STUDENT)
+                                                FILTER_BALANCE, FINETUNE)}
+TRAINING = (TRAIN_TEACHER, TRAIN_STUDENT, FINETUNE)  # open the model's tracking run; torchrun when asked
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,9 @@ def steps(cfg: Config) -> list[Step]:
             out.append(Step(FILTER_BALANCE, gen))
         out += [Step(TRAIN_TEACHER if gen == "g0" else TRAIN_STUDENT, gen), Step(EVALUATE, gen), Step(LABEL, gen),
                 Step(None, gen)]
+        if gen == cfg.finetuned():
+            ft = cfg.finetune_name()
+            out += [Step(FINETUNE, ft), Step(EVALUATE, ft), Step(None, ft)]
     return out
 
 
@@ -114,8 +119,8 @@ def run_direct(cfg: Config, params_path: str = "params.yaml", overrides: dict | 
                     tracking.finish_generation(cfg, step.gen, runs.get(step.gen))
                     continue
                 if step.stage in TRAINING:
-                    teacher = None if step.gen == "g0" else runs.get(cfg.generation(step.gen).teacher)
-                    runs[step.gen] = tracking.open_generation(cfg, step.gen, parent, teacher)
+                    made_from = runs.get(cfg.made_from(step.gen))  # None for g0: no run is keyed None
+                    runs[step.gen] = tracking.open_generation(cfg, step.gen, parent, made_from)
                     os.environ[tracking.RUN_ENV] = runs[step.gen] or ""
                 try:
                     run_step(step, cfg, params_path, overrides)
@@ -146,7 +151,7 @@ HEADER = """\
 def dvc_yaml(cfg: Config, raw_params: dict, params_file: str = "params.yaml") -> dict:
     stages = {s.stage.dvc_name(s.gen): dvc_stage(s.stage, cfg, s.gen, raw_params, params_file)
               for s in steps(cfg) if s.stage}
-    val = {cfg.rel(cfg.model_dir(g) / "history.json"): "val_acc" for g in cfg.model_names()}
+    val = {cfg.rel(cfg.model_dir(g) / "history.json"): "val_acc" for g in cfg.evaluated_models()}
     out: dict = {"stages": stages}
     if cfg.data.val is not None:
         out["plots"] = [{"val_acc by generation": {"x": "epoch", "y": val}}]

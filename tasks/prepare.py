@@ -4,13 +4,14 @@ digest); unreadable images and decompression bombs are skipped and listed."""
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from nst.config import Config
-from nst.data import MANIFEST_SCHEMA, Item, infer_classes, relpath, scan_source
+from nst.data import MANIFEST_SCHEMA, Item, converts, infer_classes, relpath, scan_source
 from nst.errors import DataError
 from nst.io import atomic_path, atomic_write_json
 from nst.progress import Progress
@@ -70,7 +71,7 @@ def prepare(cfg: Config, gen: str = "", fingerprint: str = "") -> dict:
     out = cfg.data_dir
     labeled_items = scan_source(cfg.data.labeled, "data.labeled")
     classes = cfg.data.classes or infer_classes(labeled_items, cfg.data.labeled)
-    counts, bad_all = {}, {}
+    counts, bad_all, converted = {}, {}, {}
     with HashCache.for_out_dir(cfg.out_dir) as cache:
         for split, src in _splits(cfg):
             items = labeled_items if split == "labeled" else scan_source(src, f"data.{split}")
@@ -84,12 +85,21 @@ def prepare(cfg: Config, gen: str = "", fingerprint: str = "") -> dict:
             counts[split], bad_all[split] = table.num_rows, bad
             if bad:
                 log.warning("%s: skipped %d unreadable images (listed in bad_images.json)", src, len(bad))
-    if cfg.data.val is None:
-        (out / "val.parquet").unlink(missing_ok=True)
+            if modes := _converted(checks):
+                converted[split] = modes
+                log.info("%s: %d images are decoded with conversion to 8-bit RGB (%s)", src, sum(modes.values()),
+                         ", ".join(f"{m}: {n}" for m, n in modes.items()))
     atomic_write_json(out / "classes.json", classes)
     atomic_write_json(out / "bad_images.json", bad_all)
-    return {"classes": classes,
-            "metrics": {f"n_{k}": v for k, v in counts.items()} | {"n_bad": sum(len(b) for b in bad_all.values())}}
+    n_bad, n_converted = sum(len(b) for b in bad_all.values()), sum(sum(m.values()) for m in converted.values())
+    return {"classes": classes, "converted": converted,  # per split and pixel mode
+            "metrics": {f"n_{k}": v for k, v in counts.items()} | {"n_bad": n_bad, "n_converted": n_converted}}
+
+
+def _converted(checks: list) -> dict[str, int]:
+    """Usable images per pixel mode that decoding converts (16-bit, palette, alpha, CMYK, ...; nst.data.to_rgb8)."""
+    modes = Counter(ck.mode for ck in checks if ck.error is None and converts(ck.mode))
+    return dict(sorted(modes.items()))
 
 
 def _attach_truth(table: pa.Table, truth_path: Path, classes: list[str], root: Path) -> pa.Table:

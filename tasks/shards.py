@@ -9,10 +9,11 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from nst.config import Config
+from nst.io import prepared
 
 
 def num_shards(cfg: Config) -> int:
-    n = pq.ParquetFile(cfg.data_dir / "unlabeled.parquet").metadata.num_rows
+    n = pq.ParquetFile(prepared(cfg.data_dir / "unlabeled.parquet")).metadata.num_rows
     return max(1, math.ceil(n / cfg.pseudo_label.shard_size))
 
 
@@ -27,5 +28,5 @@ def shard_paths(cfg: Config, gen: str) -> list[Path]:
 
 def truth(cfg: Config) -> np.ndarray | None:
     """The hidden labels of the unlabeled set by manifest row (-1 unknown), when the data has them."""
-    lab = pq.read_table(cfg.data_dir / "unlabeled.parquet", columns=["label"]).column("label").to_numpy()
+    lab = pq.read_table(prepared(cfg.data_dir / "unlabeled.parquet"), columns=["label"]).column("label").to_numpy()
     return lab if (lab >= 0).any() else None

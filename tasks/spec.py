@@ -39,7 +39,7 @@ MODEL_CODE = CORE + ("models", "nst/checkpoint.py", "nst/data.py", "nst/distribu
                      "nst/scan.py", "nst/train.py")
 # Imported by stages but without effect on what they write (progress display, live tracking, this module):
 # left out of the code versions, so editing them re-runs nothing. tests/test_contract.py checks the rest.
-NO_EFFECT = ("nst/progress.py", "nst/tracking.py", "nst/proc.py", "nst/validate.py", "tasks/spec.py",
+NO_EFFECT = ("nst/progress.py", "nst/settings.py", "nst/tracking.py", "nst/proc.py", "nst/validate.py", "tasks/spec.py",
              "tasks/__init__.py")
 EVAL_KEYS = ["data.image_size", "data.transform", "data.crop_pct"]
 TRAIN_KEYS = ["seed", "data.image_size", "data.transform", "data.rrc_scale", "data.hflip", "data.crop_pct",
@@ -64,6 +64,7 @@ class Stage:
     outs: Paths                                 # files/folders it writes (the stamp included)
     code: tuple[str, ...]                       # source it runs (paths relative to the repository)
     scope: str = "model"                        # "project" (no generation) | "model" (g0...) | "student" (g1...)
+                                                # | "finetune" (gN-ft, finetune.enabled)
     model: bool = False                         # runs a model: its own process in the flow, tag `gpu`
     metrics: Paths = _none                      # DVC metrics (not cached, committed to git)
     plots: Paths = _none                        # DVC plots
@@ -108,15 +109,24 @@ def code_version(code: tuple[str, ...]) -> str:
 
 
 def path_digest(path: Path, cfg: Config) -> str:
-    """Content digest of an input: a file's bytes, or a folder's (relative path, bytes) list; visible files only.
-    Large image folders go through the scan's persistent cache, so unchanged files are not read again, and are
-    read in parallel as prepare reads them (a cold fingerprint comes first and would otherwise read them all)."""
+    """Content digest of an input: a file's bytes, or a folder's (relative path, bytes) list (visible files, symlinked
+    folders followed: nst.scan.walk_files). A manifest of images (a CSV/Parquet listing image paths,
+    nst.data.manifest_images) is its bytes and the content of every image it lists: those are its data, as a
+    folder's files are. Images go through the scan's persistent cache, so unchanged files are not read again, and
+    are read in parallel as prepare reads them (a cold fingerprint comes first and would otherwise read them all)."""
+    from nst.scan import HashCache, files_digest, tree_digest
+
     if path.is_file():
-        return content_digest(path)
+        from nst.data import manifest_images
+
+        listed = manifest_images(path)
+        if listed is None:
+            return content_digest(path)
+        with HashCache.for_out_dir(cfg.out_dir) as cache:
+            images = files_digest([w for w, _ in listed], [f for _, f in listed], cache, workers=cfg.data.scan_workers)
+        return f"{content_digest(path)}+{images}"
     if not path.is_dir():
         return "missing"
-    from nst.scan import HashCache, tree_digest
-
     with HashCache.for_out_dir(cfg.out_dir) as cache:
         return tree_digest(path, cache, workers=cfg.data.scan_workers)
 
@@ -172,7 +182,7 @@ def write_stamp(stage: Stage, cfg: Config, gen: str, fp: str, result: dict | Non
     dump = portable_dump(cfg)
     body = {"stage": stage.name, "generation": gen or None, "fingerprint": fp, "config_hash": config_hash(cfg),
             "params": {k: value_at(dump, k) for k in stage.params(cfg, gen)}, "config": dump,
-            "result": result or {}}
+            "outs": [_dep_name(cfg, p) for p in stage.outs(cfg, gen)], "result": result or {}}
     return atomic_write_json(stage.stamp_path(cfg, gen), body)
 
 
@@ -187,8 +197,27 @@ def execute(stage: Stage, cfg: Config, gen: str = "", *, step: Callable[[Config,
         return read_stamp(stage, cfg, gen).get("result", {}) | {"skipped": True}
     result = (step(cfg, gen) if step else stage.fn(cfg, gen, fingerprint=fp, **kwargs)) or {}
     if is_main_process():
+        remove_stale_outs(stage, cfg, gen)
         write_stamp(stage, cfg, gen, fp, result)
     return result
+
+
+def remove_stale_outs(stage: Stage, cfg: Config, gen: str) -> list[Path]:
+    """Files the stage's previous stamp says it wrote and its declaration no longer lists (e.g. val.parquet once
+    data.val is unset): removed, so no later stage trusts them. Nothing the stamp does not name is ever deleted."""
+    old = read_stamp(stage, cfg, gen) or {}
+    now = {_dep_name(cfg, p) for p in stage.outs(cfg, gen)}
+    gone = []
+    for name in old.get("outs") or []:
+        if not isinstance(name, str) or not name.startswith("$out/") or name in now or ".." in name.split("/"):
+            continue
+        p = cfg.out_dir / name.removeprefix("$out/")
+        if p.is_file() and not p.is_symlink():
+            p.unlink()
+            gone.append(p)
+            log.info("%s: removed %s (written by an earlier run, no longer an output)", stage.task_name(gen),
+                     cfg.rel(p))
+    return gone
 
 
 def is_main_process() -> bool:
@@ -215,14 +244,32 @@ def _dvc_params(keys: list[str], raw: dict) -> list[str]:
     return out
 
 
+def _dvc_deps(cfg: Config, p: Path) -> list[str]:
+    """An input as DVC deps. DVC hashes only the files it is given, so a manifest of images also brings the folder
+    its images share (coarser than the fingerprint, never blind to changed pixels); a folder that would hold
+    out_dir (the project itself) cannot be a dep, and then DVC sees the manifest alone."""
+    from nst.data import manifest_images
+
+    listed = manifest_images(p) if p.is_file() else None
+    if not listed:
+        return [cfg.rel(p)]
+    common = Path(os.path.commonpath([os.path.dirname(os.path.abspath(f)) for _, f in listed]))
+    out = Path(os.path.abspath(cfg.out_dir))
+    if common == out or common in out.parents or out in common.parents:
+        return [cfg.rel(p)]
+    return [cfg.rel(p), cfg.rel(common)]
+
+
 def dvc_stage(stage: Stage, cfg: Config, gen: str, raw_params: dict, params_file: str = "params.yaml") -> dict[str, Any]:
     """The stage's dvc.yaml entry; for a params file other than DVC's default params.yaml, the commands and the
     params both name it."""
     rel = cfg.rel
     cmd = "nst " + " ".join(stage.argv(gen))
     entry: dict[str, Any] = {"cmd": cmd if params_file == "params.yaml" else f"{cmd} -p {params_file}"}
-    deps = [rel(p) for p in stage.deps(cfg, gen)] + list(stage.code)
-    entry["deps"] = deps
+    deps: list[str] = []
+    for p in stage.deps(cfg, gen):
+        deps += [d for d in _dvc_deps(cfg, p) if d not in deps]
+    entry["deps"] = deps + list(stage.code)
     params = _dvc_params(stage.params(cfg, gen), raw_params)
     if params:
         entry["params"] = params if params_file == "params.yaml" else [{params_file: params}]

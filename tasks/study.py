@@ -12,8 +12,8 @@ from typing import Any
 from nst.config import load_config, override_args
 from nst.errors import EXIT_TRACKING, StageError
 from nst.proc import ChildFailed, run_child
-from nst.study import (StudyConfig, common_overrides, finish_study, run_overrides, share_teacher, start_study,
-                       teacher_overrides, write_report)
+from nst.study import (StudyConfig, check_report_paths, common_overrides, finish_study, run_overrides, share_teacher,
+                       start_study, teacher_overrides, write_report)
 
 log = logging.getLogger("nst.study")
 
@@ -22,9 +22,10 @@ def jobs_for(st: StudyConfig, jobs: int | None) -> int:
     return jobs or st.jobs or max(1, (os.cpu_count() or 2) // 2)
 
 
-def threads_for(st: StudyConfig, jobs: int | None) -> int:
-    """torch threads of each of the runs side by side: the cores shared out."""
-    return max(1, (os.cpu_count() or 1) // jobs_for(st, jobs))
+def threads_for(st: StudyConfig, jobs: int | None) -> dict[str, int]:
+    """torch threads of each of the runs side by side: the cores shared out, unless the study sets `threads`
+    itself (it is put first, so a run's own `threads` override wins)."""
+    return {"threads": max(1, (os.cpu_count() or 1) // jobs_for(st, jobs))}
 
 
 def plan(st: StudyConfig) -> tuple[list[tuple[dict, dict]], list[tuple[str, int, dict, dict]]]:
@@ -35,9 +36,9 @@ def plan(st: StudyConfig) -> tuple[list[tuple[dict, dict]], list[tuple[str, int,
     return teachers, arms
 
 
-def _run(st: StudyConfig, overrides: dict[str, Any], tags: dict, parent: str | None, threads: int) -> None:
+def _run(st: StudyConfig, overrides: dict[str, Any], tags: dict, parent: str | None, threads: dict) -> None:
     argv = [sys.executable, "-m", "cli", "run", "--no-prefect", "-p", str(st.params)]
-    argv += [a for o in override_args(overrides | {"threads": threads}) for a in ("-S", o)]
+    argv += [a for o in override_args(threads | overrides) for a in ("-S", o)]
     argv += [a for k, v in tags.items() for a in ("--tag", f"{k}={v}")]
     argv += ["--mlflow-parent", parent] if parent else []
     name = f"{tags['arm']}/seed{tags['seed']}"
@@ -51,6 +52,7 @@ def _run(st: StudyConfig, overrides: dict[str, Any], tags: dict, parent: str | N
 
 
 def run_study_direct(st: StudyConfig, jobs: int | None = None) -> dict:
+    check_report_paths(st)  # a report path holding a file of the user's: refused now, not after the study ran
     cfg = load_config(st.params, common_overrides(st))
     n, threads = jobs_for(st, jobs), threads_for(st, jobs)
     parent = start_study(cfg, st)

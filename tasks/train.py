@@ -27,7 +27,19 @@ def _meta(cfg: Config, name: str, role: str, classes: list[str]) -> dict:
     tc = cfg.train_config(name)
     return {"model": tc.model, "num_classes": len(classes), "classes": classes, "generation": name, "role": role,
             "image_size": cfg.data.image_size, "transform": cfg.data.transform, "crop_pct": cfg.data.crop_pct,
-            "mean": [0.5] * 3, "std": [0.5] * 3}
+            "mean": [0.5] * 3, "std": [0.5] * 3,
+            "noise": tc.noise.model_dump() | {"randaugment_timm": tc.noise.randaugment}}
+
+
+def announce_noise(cfg: Config, gen: str) -> None:
+    """Say what noise this model trains with, before it trains: a student with all noise off is the paper's
+    ablation, not the method, and should never be one by accident."""
+    noise = cfg.train_config(gen).noise
+    role = "teacher" if gen == "g0" else "student"
+    log.info("%s (%s) trains with noise: %s", gen, role, noise.describe())
+    if role == "student" and noise.off:
+        log.warning("%s: the student's noise is all off (randaugment_n 0, dropout 0, drop_path 0): this trains the "
+                    "no-noise ablation, not Noisy Student", gen)
 
 
 def _labeled(cfg: Config, noise):
@@ -64,11 +76,11 @@ def _timing(cfg: Config, gen: str, **times: float) -> None:
 
 
 def _fit(cfg: Config, gen: str, role: str, fingerprint: str, **kw) -> dict:
-    from nst.tracking import epoch_logger
-
     tc = cfg.train_config(gen)
     device = resolve_device(cfg.device)
     dist, device = setup(device, cfg.distributed.backend)
+    if dist.main:
+        announce_noise(cfg, gen)
     classes = read_classes(cfg)
     ds, labels, val = _labeled(cfg, tc.noise)
     torch.manual_seed(cfg.seed + (0 if gen == "g0" else cfg.generation(gen).index))
@@ -78,14 +90,21 @@ def _fit(cfg: Config, gen: str, role: str, fingerprint: str, **kw) -> dict:
     if init is not None:
         teacher, _ = load_model(init)
         model.load_state_dict(teacher.state_dict())
+    return run_fit(cfg, gen, dist, model=model, cfg=tc, labeled=ds, labels=labels, device=device,
+                   seed=cfg.seed if gen == "g0" else cfg.seed + 1000 * cfg.generation(gen).index,
+                   fingerprint=fingerprint, meta=_meta(cfg, gen, role, classes), val=val[0] if val else None,
+                   val_labels=val[1] if val else None, **kw)
+
+
+def run_fit(cfg: Config, gen: str, dist, /, **fit_kw) -> dict:
+    """`nst.train.fit` into gen's model folder, its epochs logged live to its tracking run and its wall-clock
+    times kept for it: the part every training stage (teacher, student, fine-tune) shares."""
+    from nst.tracking import epoch_logger
+
     live = epoch_logger(cfg, gen) if dist.main else None
     if dist.main:
         _timing(cfg, gen, start=time.time())
-    meta = fit(model=model, cfg=tc, out_dir=cfg.model_dir(gen), labeled=ds, labels=labels, device=device,
-               seed=cfg.seed if gen == "g0" else cfg.seed + 1000 * cfg.generation(gen).index,
-               fingerprint=fingerprint, meta=_meta(cfg, gen, role, classes), val=val[0] if val else None,
-               val_labels=val[1] if val else None, workers=cfg.data.num_workers, dist=dist,
-               on_epoch=live, **kw)
+    meta = fit(out_dir=cfg.model_dir(gen), workers=cfg.data.num_workers, dist=dist, on_epoch=live, **fit_kw)
     if dist.main:
         _timing(cfg, gen, end=time.time())
     if live is not None:

@@ -238,7 +238,7 @@ def test_a_decompression_bomb_is_rejected_from_its_header_and_listed(tiny_projec
     ("teacher.model=hf-hub:timm/resnet18.a1_in1k", "teacher.model = 'hf-hub:timm/resnet18.a1_in1k'"),
     ("device=cuda", "device = 'cuda': CUDA is not available on this machine"),
     ("out_dir=params.yaml", "out_dir = 'params.yaml': exists and is not a folder"),
-    ("teacher.epochs=[1,", "value is not valid YAML"),
+    ("teacher.epochs=[1,", "value: not valid YAML"),
     ("data.labeled=" + "x" * 5000, "data.labeled = 'xxxxxxxx"),
 ])
 def test_a_bad_setting_is_one_line_before_any_compute(tiny_project, capsys, override, expect):

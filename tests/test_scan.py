@@ -233,12 +233,23 @@ def test_permission_denied_is_an_error(tree):
     assert c.error == "cannot read file (Permission denied)"
 
 
-def test_truncated_jpeg_passes_header_fails_decode(tree):
+def test_truncated_jpeg_fails_the_header_check_damaged_pixels_fail_decode(tree):
     p = tree / "dog" / "truncated.jpg"
+    [h] = check_files([p], max_pixels=PIL_DEFAULT, verify="header")
+    assert h.error == "truncated or corrupt (no JPEG end-of-image marker after the image data)"
+    assert (h.width, h.height) == (48, 40)
+    # damaged inside, its structure intact: only a full decode tells
+    b = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(b, "PNG")
+    data = bytearray(b.getvalue())
+    at = data.index(b"IDAT") + 24
+    data[at:at + 40] = bytes(x ^ 0x5A for x in data[at:at + 40])
+    p = tree / "dog" / "damaged.png"
+    p.write_bytes(data)
     [h] = check_files([p], max_pixels=PIL_DEFAULT, verify="header")
     [d] = check_files([p], max_pixels=PIL_DEFAULT, verify="decode")
     assert h.ok and (h.width, h.height) == (48, 40)
-    assert d.error.startswith("truncated or corrupt (decode failed: image file is truncated")
+    assert d.error.startswith("truncated or corrupt (decode failed: broken data stream")
     assert len(d.error) <= 200 and "\n" not in d.error
     assert h.digest == d.digest
 
@@ -332,8 +343,10 @@ def test_decode_reads_again_only_what_was_never_decoded(tree, tmp_path, monkeypa
     check_files(files, max_pixels=PIL_DEFAULT, cache=cache, verify="header")
     counter = OpenCounter(monkeypatch, files)
     decoded = check_files(files, max_pixels=PIL_DEFAULT, cache=cache, verify="decode")
-    # images within the limit are read again to decode; non-images and the bomb are settled by the header
-    assert sorted(counter.opened) == sorted(f for f in files if f.endswith(".jpg") and "notes" not in f)
+    # images within the limit are read again to decode; non-images, truncated files and the bomb are settled by
+    # the header
+    assert sorted(counter.opened) == sorted(f for f in files if f.endswith(".jpg") and "notes" not in f
+                                            and "truncated" not in f)
     counter.opened.clear()
     again = check_files(files, max_pixels=PIL_DEFAULT, cache=cache, verify="decode")
     assert again == decoded and counter.opened == []
