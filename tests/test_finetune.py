@@ -24,16 +24,9 @@ from tasks.pipeline import STAGES, dvc_yaml, steps
 from tasks.prepare import PREPARE
 from tasks.spec import execute, fingerprint
 from tasks.train import TRAIN_TEACHER
+from test_failures import _err
 
 FT = {"finetune": {"enabled": True, "image_size": 24, "epochs": 1.5}}  # 40 labeled / batch 16: 3 steps an epoch
-
-
-def _err(capsys) -> str:
-    err = capsys.readouterr().err.strip()
-    assert "Traceback" not in err, err
-    errors = [ln for ln in err.splitlines() if ln.startswith(("error:", "internal error:"))]
-    assert len(errors) == 1 and err.endswith(errors[0]), err
-    return errors[0]
 
 
 @pytest.fixture(scope="module")
