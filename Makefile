@@ -1,12 +1,14 @@
 # The two set-up commands of the README. Both create (or reuse) the virtual environment in .venv/.
 #   make run   - the whole pipeline on the toy dataset (teacher + 2 generations), embedded defaults, no server
-#   make test  - the test suite (what CI runs through .ci/run)
+#   make test  - the test suite (what CI runs through .ci/run); make test-fast skips the slow end-to-end tests
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test install clean
+PYTEST := $(BIN)/python -m pytest -q
+
+.PHONY: run test test-fast install clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,7 +22,10 @@ run: $(STAMP)
 	$(BIN)/nst run
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(PYTEST)
+
+test-fast: $(STAMP)
+	$(PYTEST) -m "not slow"
 
 clean:
 	rm -rf outputs data .pytest_cache

@@ -171,6 +171,9 @@ def cmd_run(args) -> int:
         rows = run_direct(cfg, args.params, parse_overrides(args.overrides), parent_run_id=args.mlflow_parent,
                           tags=tags)
     else:
+        from nst import warm
+
+        warm.start()  # the stage commands' imports, while Prefect starts its server
         rows = run_flow(args.params, args.overrides, args.mlflow_parent, tags)
     print(text_table(rows))
     print(f"\noutputs: {cfg.out_dir}  (summary.md, per-generation folders)")

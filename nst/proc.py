@@ -3,7 +3,9 @@
 The orchestrator (a Prefect task thread, or `nst run`) starts `nst <stage> ...` (or `torchrun ... -m cli ...`) as a
 child, so nothing of the orchestrator's threads leaks into training. If the orchestrator is killed (even
 `kill -9`), the kernel signals the child (PR_SET_PDEATHSIG, set by `python -m nst.proc` just before it execs the
-command, and kept across exec), so a killed flow never leaves a training process running.
+command, and kept across exec), so a killed flow never leaves a training process running. An orchestrator that
+started the warm server (nst.warm) gets its stage commands forked from it instead: the same command, without the
+seconds a fresh interpreter spends importing torch.
 """
 
 from __future__ import annotations
@@ -61,23 +63,32 @@ def run_child(argv: Sequence[str], *, on_line: Callable[[str], None], env: dict[
     """Run `argv` to completion, calling `on_line` for every line of its stdout+stderr; raise ChildFailed (with
     the child's last `error:` line) when it exits non-zero. The child gets PR_SET_PDEATHSIG through a tiny
     `python -m nst.proc` trampoline, and is terminated if this call is interrupted."""
+    from nst import warm
+
     full_env = dict(os.environ if env is None else env)
-    full_env[PARENT_ENV] = str(os.getpid())
     full_env.setdefault("PYTHONUNBUFFERED", "1")
-    cmd = [sys.executable, "-m", "nst.proc", *argv]
     tail: collections.deque[str] = collections.deque(maxlen=50)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            env=full_env, cwd=cwd, text=True, errors="replace", bufsize=1)
-    try:
-        assert proc.stdout is not None
-        for line in proc.stdout:
+
+    def stream(lines) -> None:
+        for line in lines:
             line = line.rstrip("\n")
             tail.append(line)
             on_line(line)
-        rc = proc.wait()
-    except BaseException:
-        _stop(proc)
-        raise
+
+    if warm.can_run(argv, full_env):  # forked from the warm server: the same command without its imports
+        rc = warm.run(argv[3:], full_env, os.fspath(cwd or os.getcwd()), stream)
+    else:
+        full_env[PARENT_ENV] = str(os.getpid())
+        cmd = [sys.executable, "-m", "nst.proc", *argv]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=full_env, cwd=cwd, text=True, errors="replace", bufsize=1)
+        try:
+            assert proc.stdout is not None
+            stream(proc.stdout)
+            rc = proc.wait()
+        except BaseException:
+            _stop(proc)
+            raise
     if rc != 0:
         raise ChildFailed(argv, rc, _last_error(list(tail)))
 

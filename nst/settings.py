@@ -97,7 +97,16 @@ def s3_endpoint() -> str | None:
     return None
 
 
+def warm_start() -> bool:
+    """NST_WARM_START: orchestrators fork stage commands from a pre-imported server (1, default) or start each as a
+    fresh interpreter (0): the same bytes either way, only the start-up differs."""
+    v = (_get("NST_WARM_START") or "1").lower()
+    if v not in ("0", "1", "true", "false", "on", "off"):
+        raise ConfigError(f"NST_WARM_START={quote(v)}: expected 1 or 0")
+    return v in ("1", "true", "on")
+
+
 def check_environment() -> None:
     """Every setting at once, at the start of a command."""
-    for read in (max_workers, task_runner, dask_address, progress_every_s, progress_mode, s3_endpoint):
+    for read in (max_workers, task_runner, dask_address, progress_every_s, progress_mode, s3_endpoint, warm_start):
         read()

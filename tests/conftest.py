@@ -166,3 +166,47 @@ def make_tiny_project(root, generations: int = 2, extra: str = ""):
 def tiny_project(tmp_path):
     """A fresh tiny project folder: 40 labeled, 120 unlabeled (3 shards of 40), 40 test images."""
     return make_tiny_project(tmp_path / "proj")
+
+
+# ---- trained once per test run, shared over copies -------------------------------------------------------------
+
+def _tree_state(root) -> dict:
+    from pathlib import Path
+
+    return {p.relative_to(root).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in Path(root).rglob("*") if p.is_file()}
+
+
+@dataclass
+class TrainedProject:
+    """A tiny project whose whole pipeline ran once (`nst run --no-prefect`: g0, g1, g2 trained, evaluated and
+    labelled). Tests never touch the master: each takes its own copy, whose stages are all up to date; the session
+    checks at its end that the master is unchanged (the tests run as root, so file modes would not stop a write)."""
+
+    root: "os.PathLike"
+    _n: int = 0
+
+    def copy(self, dest=None):
+        """A copy of the project (mtimes kept, so the scan cache still knows its files); its params.yaml."""
+        import shutil
+        from pathlib import Path
+
+        self._n += 1
+        dest = Path(dest) if dest is not None else Path(self.root).parent / f"copy-{self._n}"
+        shutil.copytree(self.root, dest, symlinks=True)
+        return dest / "params.yaml"
+
+
+@pytest.fixture(scope="session")
+def tiny_trained(tmp_path_factory):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = tmp_path_factory.mktemp("trained") / "proj"
+    params = make_tiny_project(root)
+    subprocess.run([sys.executable, "-m", "cli", "run", "--no-prefect", "-p", str(params)], check=True,
+                   cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL)
+    before = _tree_state(root)
+    yield TrainedProject(root)
+    assert _tree_state(root) == before, "a test wrote into the shared trained project instead of its copy"

@@ -149,6 +149,14 @@ def test_pipeline_on_tracking_server_with_s3_artifacts(mlflow_server, tmp_path, 
         assert run.data.metrics["generation"] == int(gen[1:])  # an axis for the compare view
     assert children["g1"].data.tags["teacher_run_id"] == children["g0"].info.run_id
     assert children["g2"].data.tags["teacher_run_id"] == children["g1"].info.run_id
+    # the parent's first look: accuracy, calibration and kept fraction by generation (step = the model's place)
+    rows = generation_rows(cfg)
+    for key in ("test_top1", "test_ece"):
+        hist = client.get_metric_history(parent.info.run_id, f"generation/{key}")
+        assert [(m.step, m.value) for m in sorted(hist, key=lambda m: m.step)] == [
+            (i, pytest.approx(r[key])) for i, r in enumerate(rows)], key
+    kept = client.get_metric_history(parent.info.run_id, "generation/kept_fraction")
+    assert sorted(m.step for m in kept) == [1, 2]  # the students': the teacher trains on labels only
 
     keysets = {g: set(r.data.metrics) for g, r in children.items()}
     assert keysets["g0"] | {"train/loss_unlabeled"} == keysets["g1"] == keysets["g2"]  # students: + pseudo-label loss

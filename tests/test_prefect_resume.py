@@ -60,16 +60,21 @@ def _executed(exec_log: Path) -> list[str]:
 
 
 def _stage_processes(project: Path) -> list[str]:
-    """Command lines of live `nst` stage processes working on `project` (children the flow launched)."""
+    """Live `nst` stage processes working on `project` (children the flow launched): fresh interpreters name it on
+    their command line; the warm server (`python -m cli.warm`) and the stages it forks work in its folder."""
     out = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
             cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            cwd = os.readlink(proc / "cwd")
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
         except OSError:
             continue
-        if " cli " in f" {cmd} " and str(project) in cmd:
+        if state == "Z":
+            continue
+        if (" cli " in f" {cmd} " and str(project) in cmd) or (" cli.warm " in f" {cmd} " and cwd == str(project)):
             out.append(f"{proc.name}: {cmd}")
     return out
 
