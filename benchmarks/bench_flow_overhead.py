@@ -1,8 +1,8 @@
 """Prefect's overhead: the `noisy-student` flow vs. the same pipeline walked in one process (`run_direct`).
 
-The flow runs each model stage as its own `nst` process (reproducibility, DataLoader workers, kill -9 safety), so
-besides Prefect's own costs it pays one Python + torch + timm start-up per model stage and per label shard group;
-the benchmark measures that start-up separately and counts the processes, so the ratio can be read.
+The flow runs each model stage as its own `nst` process (reproducibility, DataLoader workers, kill -9 safety),
+forked from the warm server (nst/warm.py) unless NST_WARM_START=0, when each pays a fresh Python + torch + timm
+start-up; the benchmark measures that start-up separately and counts the processes, so the ratio can be read.
 
 Both run the same config into fresh, separate out_dirs (shared input data), alternating, after one warm-up run of
 each (torch's first-call costs, and Prefect's server start). Prints wall times, medians and the flow/direct ratio
@@ -121,13 +121,20 @@ def main() -> int:
     md, mf = statistics.median(d), statistics.median(f)
     print(f"median: direct {md:.2f} s  flow {mf:.2f} s  overhead {mf - md:+.2f} s  ratio {mf / md:.3f} "
           f"(goal <= 1.10)")
-    cd = statistics.median(cpu[f"direct-{i}"] for i in range(args.repeats))
-    cf = statistics.median(cpu[f"flow-{i}"] for i in range(args.repeats))
-    print(f"median CPU time of this process and its children (less sensitive to other load; the ephemeral server's "
-          f"own CPU is not in it): direct {cd:.2f} s  flow {cf:.2f} s  ratio {cf / cd:.3f}")
-    print(f"stage processes the flow starts: {children} (model stages + label shard groups); one start-up (Python, "
-          f"torch, timm, our modules) measured alone: {startup:.2f} s -> {children * startup:.1f} s of the "
-          f"{mf - md:+.1f} s difference")
+    from nst.settings import warm_start
+
+    if warm_start():  # the stages are the warm server's children, not ours: their CPU time is not counted here
+        print(f"stage processes the flow starts: {children} (model stages + label shard groups), forked from the warm "
+              f"server (nst/warm.py; bench_stage_startup.py measures that start); a fresh interpreter's start-up "
+              f"measured alone: {startup:.2f} s. NST_WARM_START=0 runs the flow the fresh-interpreter way")
+    else:
+        cd = statistics.median(cpu[f"direct-{i}"] for i in range(args.repeats))
+        cf = statistics.median(cpu[f"flow-{i}"] for i in range(args.repeats))
+        print(f"median CPU time of this process and its children (less sensitive to other load; the ephemeral "
+              f"server's own CPU is not in it): direct {cd:.2f} s  flow {cf:.2f} s  ratio {cf / cd:.3f}")
+        print(f"stage processes the flow starts: {children} (model stages + label shard groups); one start-up "
+              f"(Python, torch, timm, our modules) measured alone: {startup:.2f} s -> {children * startup:.1f} s of "
+              f"the {mf - md:+.1f} s difference")
     if os.environ.get("NST_MAX_WORKERS") != "1":
         print("note: the flow labels shards concurrently (NST_MAX_WORKERS=1 for a like-for-like sequential run)")
     # Nothing left to do: the direct path's stage functions skip, the flow's tasks come from its cache.

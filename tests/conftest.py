@@ -210,3 +210,27 @@ def tiny_trained(tmp_path_factory):
     before = _tree_state(root)
     yield TrainedProject(root)
     assert _tree_state(root) == before, "a test wrote into the shared trained project instead of its copy"
+
+
+class Crash(Exception):
+    """Raised by `crash_after_first_epoch`: a training stage dying after its first epoch's checkpoint."""
+
+
+def crash_after_first_epoch(run):
+    """Call `run()` with training made to crash right after epoch 1 (its checkpoint written); expects the Crash."""
+    import tasks.train as tt
+
+    real_fit = tt.fit
+
+    def crashing_fit(**kw):
+        def on_epoch(row):
+            if row["epoch"] == 1:
+                raise Crash()
+        return real_fit(**(kw | {"on_epoch": on_epoch}))
+
+    tt.fit = crashing_fit
+    try:
+        with pytest.raises(Crash):
+            run()
+    finally:
+        tt.fit = real_fit

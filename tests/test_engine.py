@@ -282,28 +282,12 @@ def test_csv_manifest_source_with_relative_paths_and_content_digests(tiny_projec
 
 def test_training_resumes_after_a_crash_to_the_same_weights(tiny_project):
     """A crash after epoch 1 and a re-run give the same model as one uninterrupted run (per-epoch seeding)."""
-    import tasks.train as tt
+    from conftest import crash_after_first_epoch
     from nst.checkpoint import WEIGHTS
 
     cfg = load_config(tiny_project, ["teacher.epochs=3"])
     execute(PREPARE, cfg)
-    real_fit = tt.fit
-
-    class Crash(Exception):
-        pass
-
-    def crashing_fit(**kw):
-        def on_epoch(row):
-            if row["epoch"] == 1:
-                raise Crash()
-        return real_fit(**(kw | {"on_epoch": on_epoch}))
-
-    tt.fit = crashing_fit
-    try:
-        with pytest.raises(Crash):
-            execute(TRAIN_TEACHER, cfg, "g0")
-    finally:
-        tt.fit = real_fit
+    crash_after_first_epoch(lambda: execute(TRAIN_TEACHER, cfg, "g0"))
     mdir = cfg.model_dir("g0")
     assert (mdir / "train_state.pt").is_file() and not (mdir / WEIGHTS).exists() and not (mdir / "config.json").exists()
     execute(TRAIN_TEACHER, cfg, "g0")  # resumes at epoch 2

@@ -105,26 +105,10 @@ def test_a_fractional_epoch_counts_steps_and_the_schedule_is_the_models_tail(pro
 
 
 def test_a_finetune_resumes_after_a_crash_to_the_same_weights(project, tmp_path):
-    import tasks.train as tt
+    from conftest import crash_after_first_epoch
 
     cfg = load_config(project)
-    real_fit = tt.fit
-
-    class Crash(Exception):
-        pass
-
-    def crashing_fit(**kw):
-        def on_epoch(row):
-            if row["epoch"] == 1:
-                raise Crash()
-        return real_fit(**(kw | {"on_epoch": on_epoch}))
-
-    tt.fit = crashing_fit
-    try:
-        with pytest.raises(Crash):
-            execute(FINETUNE, cfg, "g0-ft")
-    finally:
-        tt.fit = real_fit
+    crash_after_first_epoch(lambda: execute(FINETUNE, cfg, "g0-ft"))
     mdir = cfg.model_dir("g0-ft")
     assert (mdir / STATE).is_file() and not (mdir / WEIGHTS).exists()
     execute(FINETUNE, cfg, "g0-ft")  # resumes at epoch 2 of 2
