@@ -312,7 +312,7 @@ def noisy_student(params_path: str = "params.yaml", overrides: dict[str, Any] | 
 
     from nst import warm
 
-    warm.start()  # the stage commands' imports, once, in the background (nst.proc)
+    warm.start()  # the stage commands' imports, once, in the background (nst.warm)
     logger = get_run_logger()
     cfg = load_config(params_path, overrides)  # invalid params fail the flow here, with the one-line ConfigError
     if runner_kind() != "dask":  # with Dask, stages run on other machines

@@ -75,9 +75,10 @@ def run_child(argv: Sequence[str], *, on_line: Callable[[str], None], env: dict[
             tail.append(line)
             on_line(line)
 
+    rc = None
     if warm.can_run(argv, full_env):  # forked from the warm server: the same command without its imports
         rc = warm.run(argv[3:], full_env, os.fspath(cwd or os.getcwd()), stream)
-    else:
+    if rc is None:  # a fresh interpreter (no warm server, another environment, or the server is gone)
         full_env[PARENT_ENV] = str(os.getpid())
         cmd = [sys.executable, "-m", "nst.proc", *argv]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

@@ -92,9 +92,10 @@ def can_run(argv: Sequence[str], env: dict[str, str]) -> bool:
     return all(PER_LAUNCH_ENV.fullmatch(k) for k in changed)
 
 
-def run(args: list[str], env: dict[str, str], cwd: str, stream: Callable) -> int:
+def run(args: list[str], env: dict[str, str], cwd: str, stream: Callable) -> int | None:
     """`nst ARGS` forked from the server; `stream` reads its output lines; returns its exit code (negative: killed
-    by that signal, as subprocess reports it). A server that died meanwhile is retired and the command runs cold."""
+    by that signal, as subprocess reports it), or None when the server is gone (it is retired; the caller runs the
+    command the cold way)."""
     s = _server
     assert s is not None
     out_r, out_w = os.pipe()
@@ -103,21 +104,15 @@ def run(args: list[str], env: dict[str, str], cwd: str, stream: Callable) -> int
         with s.lock:
             socket.send_fds(s.ctrl, [json.dumps({"args": args, "env": env, "cwd": cwd}).encode()], [out_w, st_w])
     except OSError:
-        s.alive = False
+        pass  # the status pipe reads EOF below
     finally:
         os.close(out_w)
         os.close(st_w)
     with os.fdopen(st_r, "rb", buffering=0) as status, os.fdopen(out_r, "r", encoding="utf-8", errors="replace") as out:
         pid = _read_int(status)
-        if pid is None:  # the server is gone: the same command, the cold way
+        if pid is None:
             s.alive = False
-            from nst.proc import run_child
-
-            try:
-                run_child([sys.executable, "-m", "cli", *args], on_line=lambda line: stream([line]), env=env, cwd=cwd)
-                return 0
-            except Exception as e:  # noqa: BLE001 - ChildFailed carries the exit code
-                return getattr(e, "returncode", 1)
+            return None
         try:
             stream(out)
             rc = _read_int(status)

@@ -30,6 +30,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def running(pid: int | str) -> bool:
+    """A process that exists and is not a zombie (one that exited and waits to be reaped is not running)."""
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def venv_executable(name: str) -> str:
     """A console script installed next to the running interpreter, so tests never pick one off PATH."""
     path = Path(sys.executable).parent / name

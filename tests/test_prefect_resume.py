@@ -21,6 +21,7 @@ import pytest
 
 from conftest import make_tiny_project
 from prefect_api import client_for, run_for_params
+from servers import running
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDENT_EPOCHS = 8  # long enough to be killed in the middle
@@ -69,10 +70,9 @@ def _stage_processes(project: Path) -> list[str]:
         try:
             cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             cwd = os.readlink(proc / "cwd")
-            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
         except OSError:
             continue
-        if state == "Z":
+        if not running(proc.name):
             continue
         if (" cli " in f" {cmd} " and str(project) in cmd) or (" cli.warm " in f" {cmd} " and cwd == str(project)):
             out.append(f"{proc.name}: {cmd}")

@@ -15,6 +15,7 @@ import pytest
 
 from nst import warm
 from nst.proc import ChildFailed, run_child
+from servers import running
 from tasks.spec import REPO
 
 # Never in a stage process: the orchestrator's and the tracker's libraries, and what only optional stages use.
@@ -121,7 +122,7 @@ def test_killing_the_orchestrator_stops_the_warm_server_and_its_running_stage(ti
         deadline = time.monotonic() + 20
         alive = kids + stages
         while alive and time.monotonic() < deadline:
-            alive = [p for p in alive if os.path.exists(f"/proc/{p}") and "Z" not in _state(p)]
+            alive = [p for p in alive if running(p)]
             time.sleep(0.2)
         assert not alive, f"left running: {alive}"
     finally:
@@ -130,8 +131,14 @@ def test_killing_the_orchestrator_stops_the_warm_server_and_its_running_stage(ti
             orch.wait()
 
 
-def _state(pid: str) -> str:
-    try:
-        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return "Z"
+
+def test_a_stage_runs_as_a_fresh_interpreter_when_the_warm_server_is_gone(tiny_trained, server):
+    proj = tiny_trained.copy()
+    os.kill(server, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while running(server) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    lines: list[str] = []
+    run_child(_stage(proj, "evaluate", "g0"), on_line=lines.append)
+    assert any("up to date" in line for line in lines)
+    assert not warm.can_run(_stage(proj, "evaluate", "g0"), dict(os.environ))  # retired: later commands start cold
