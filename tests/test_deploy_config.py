@@ -430,3 +430,37 @@ def test_docker_gpu_deployment_joins_the_compose_network(compose, deployments):
         (spec or {}).get("name", key) for key, spec in (compose.get("networks") or {}).items()
     }
     assert set(networks) <= declared, f"docker-gpu joins {networks}, compose declares {declared}"
+
+
+# ------------------------------------------------------------------------- docker/check.sh, build-free parts
+# docker/check.sh builds the images and starts the stack for real (README "Containers"); CI has no container
+# engine, so what can be checked without one is checked here on every run.
+
+
+@pytest.mark.parametrize("script", ["check.sh", "local-base.sh"])
+def test_container_scripts_parse(script):
+    path = COMPOSE.parent / script
+    proc = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert path.stat().st_mode & 0o111, f"{script} is not executable"
+
+
+def test_compose_build_targets_are_stages_of_the_dockerfile(compose):
+    stages = {a.split()[-1] for i, a in _dockerfile_instructions() if i == "FROM" and " AS " in a.upper()}
+    targets = {s["build"].get("target") for s in compose["services"].values() if s.get("build")}
+    assert targets - {None} <= stages, f"compose builds targets {targets - {None} - stages} the Dockerfile lacks"
+
+
+def test_the_s3_stand_in_is_not_in_the_project_image(compose):
+    """moto is a test server: the image users deploy must not carry it (compose builds it as its own stage)."""
+    services = compose["services"]
+    project_image = services["prefect-server"]["image"]
+    for name in ("s3", "s3-init"):
+        assert services[name]["image"] != project_image, f"{name} runs the project image"
+        assert services[name]["build"].get("target") == "s3-server", name
+    assert services["s3"].get("init") is True, "moto as PID 1 ignores SIGTERM: the s3 service needs init: true"
+    args = [a for i, a in _dockerfile_instructions() if i == "ARG"]
+    assert 'EXTRAS=""' in args, "the project image must install no extras by default"
+    for name, svc in services.items():
+        if svc.get("build") and svc["build"].get("target") is None:
+            assert not (svc["build"].get("args") or {}).get("EXTRAS"), f"{name} builds the image with extras"
