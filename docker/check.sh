@@ -130,7 +130,8 @@ free_port() { "$repo/.venv/bin/python" -c 'import socket; s = socket.socket(); s
 compose_cmd() {
   if [ "$engine" = docker ]; then echo "docker compose"; return; fi
   if ! command -v podman-compose >/dev/null && [ ! -x .venv-tools/bin/podman-compose ]; then
-    python3 -m venv .venv-tools >/dev/null && .venv-tools/bin/pip install -q "podman-compose>=1.2" >/dev/null
+    { python3 -m venv .venv-tools && .venv-tools/bin/pip install -q "podman-compose>=1.2"; } > "$work/pip.log" 2>&1 \
+      || { tail "$work/pip.log" >&2; fail "installing podman-compose into .venv-tools"; }
   fi
   command -v podman-compose || echo "$repo/.venv-tools/bin/podman-compose"
 }

@@ -3,7 +3,9 @@
 1. the Prefect UI's flow-run graph of a pipeline run (model subflows, mapped label shard groups), from a Prefect
    server started here and a short toy run against it;
 2. MLflow's view of a study's comparison chart (the study run's artifact), from `mlflow server` on the study's
-   tracking store.
+   tracking store;
+3. the first look after `make run`: the pipeline run's charts (accuracy, ECE, kept fraction by generation), from
+   `mlflow server` on the `outputs/mlflow.db` it leaves (`--only generations`).
 
     .venv/bin/python experiments/screenshots.py --study experiments/digits-3-noise.yaml   # after `nst study` ran
 
@@ -105,11 +107,35 @@ def mlflow_shot(study_file: Path, out: Path, work: Path) -> None:
         server.stop(20)
 
 
+def generations_shot(out_dir: Path, out: Path, work: Path) -> None:
+    """The first look after `make run`: the pipeline run's metrics page, accuracy, ECE and kept fraction by generation."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{(out_dir / 'mlflow.db').resolve()}"
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("noisy-student")
+    if exp is None:
+        raise SystemExit(f"{out_dir / 'mlflow.db'}: no experiment 'noisy-student' (run `make run` first)")
+    run = client.search_runs([exp.experiment_id], "tags.kind = 'pipeline'", order_by=["attributes.start_time DESC"],
+                             max_results=1)[0]
+    port = free_port()
+    server = ServerProcess([BIN / "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--backend-store-uri",
+                            uri, "--workers", "1"], port=port, log_path=work / "mlflow-gen.log", ready_path="/health",
+                           env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, cwd=ROOT, ready_timeout=180)
+    try:
+        # No query parameters: what a newcomer sees when opening the run (the experiment's kind picks the layout).
+        shoot(f"http://127.0.0.1:{port}/#/experiments/{exp.experiment_id}/runs/{run.info.run_id}/model-metrics",
+              out, size="1600,1000", budget_ms=30000)
+    finally:
+        server.stop(20)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--study", default="experiments/digits-3-noise.yaml")
     ap.add_argument("--out", default="docs")
-    ap.add_argument("--only", choices=["prefect", "mlflow"], default=None)
+    ap.add_argument("--only", choices=["prefect", "mlflow", "generations"], default=None)
+    ap.add_argument("--out-dir", default="outputs", help="the out_dir `make run` left (for the generations shot)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="nst-shots-"))
     try:
@@ -117,6 +143,8 @@ def main() -> int:
             prefect_shot(work, ROOT / args.out / "prefect-flow-run.png")
         if args.only in (None, "mlflow"):
             mlflow_shot(ROOT / args.study, ROOT / args.out / "mlflow-study.png", work)
+        if args.only in (None, "generations"):
+            generations_shot(Path(args.out_dir), ROOT / args.out / "mlflow-generations.png", work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps({"ok": True}))
