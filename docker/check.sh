@@ -67,18 +67,20 @@ build_image() {
     || fail "the build context holds one of .git .venv outputs data .env .dvc/cache (see .dockerignore)"
   "$engine" rmi -f localhost/nst-context:check >/dev/null
 
-  say "build $image ($engine)"
-  local t0; t0=$(date +%s)
-  "$engine" build "${build_flags[@]}" -f docker/Dockerfile --build-arg BASE_IMAGE="$base" \
-    -t "$image" . > "$work/build.log" 2>&1 || { tail -20 "$work/build.log" >&2; fail "build of $image"; }
-  echo "built in $(secs "$t0") s (cached layers are reused: a first build is the figure to quote)"
+  say "build $image and $s3image ($engine; cached layers are reused: a first build is the figure to quote)"
+  build_one "$image"
+  build_one "$s3image" --target s3-server
+}
+
+# build_one TAG [BUILD ARGS...]: one docker/Dockerfile build, its log kept under $work, its time and size printed.
+build_one() {
+  local tag=$1 t0; shift
+  local log="$work/build-${tag//[:\/]/_}.log"
   t0=$(date +%s)
-  "$engine" build "${build_flags[@]}" -f docker/Dockerfile --build-arg BASE_IMAGE="$base" --target s3-server \
-    -t "$s3image" . > "$work/build-s3.log" 2>&1 || { tail -20 "$work/build-s3.log" >&2; fail "build of $s3image"; }
-  echo "built $s3image (compose's S3 stand-in) in $(secs "$t0") s"
-  for i in "$image" "$s3image"; do
-    "$engine" image inspect --format '{{.Size}}' "$i" | awk -v i="$i" '{printf "%s: %.2f GB (%.0f bytes)\n", i, $1/1e9, $1}'
-  done
+  "$engine" build "${build_flags[@]}" -f docker/Dockerfile --build-arg BASE_IMAGE="$base" "$@" -t "$tag" . \
+    > "$log" 2>&1 || { tail -20 "$log" >&2; fail "build of $tag"; }
+  "$engine" image inspect --format '{{.Size}}' "$tag" \
+    | awk -v i="$tag" -v s="$(secs "$t0")" '{printf "%s: built in %d s, %.2f GB (%.0f bytes)\n", i, s, $1/1e9, $1}'
 }
 
 check_image() {

@@ -92,8 +92,11 @@ def results() -> int:
         print(f"stack_check: {len(finished)} finished MLflow runs, expected the flow's parent run and g0-g2",
               file=sys.stderr)
         return 1
-    s3 = boto3.client("s3", endpoint_url=_url("NST_S3_PORT", ""), aws_access_key_id="testing",
-                      aws_secret_access_key="testing", region_name="us-east-1")
+    # The keys compose.yaml gives the stack: the same variables with the same dummy defaults.
+    s3 = boto3.client("s3", endpoint_url=_url("NST_S3_PORT", ""),
+                      aws_access_key_id=os.environ.get("NST_S3_ACCESS_KEY_ID", "testing"),
+                      aws_secret_access_key=os.environ.get("NST_S3_SECRET_ACCESS_KEY", "testing"),
+                      region_name=os.environ.get("NST_S3_REGION", "us-east-1"))
     keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket="mlflow")
             for o in page.get("Contents", [])]
     print(f"s3://mlflow: {len(keys)} artifact objects, e.g. {', '.join(sorted(keys)[:3])}")

@@ -76,6 +76,15 @@ def prefect_shot(work: Path, out: Path) -> None:
         server.stop(20)
 
 
+def _mlflow_server(uri: str, log_path: Path) -> tuple[int, ServerProcess]:
+    """`mlflow server` on a tracking store, on a free port; the caller stops it (by PID) when done."""
+    port = free_port()
+    return port, ServerProcess([BIN / "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                                "--backend-store-uri", uri, "--workers", "1"], port=port, log_path=log_path,
+                               ready_path="/health", env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, cwd=ROOT,
+                               ready_timeout=180)
+
+
 def mlflow_shot(study_file: Path, out: Path, work: Path) -> None:
     from mlflow import MlflowClient
 
@@ -91,10 +100,7 @@ def mlflow_shot(study_file: Path, out: Path, work: Path) -> None:
     run = client.search_runs([exp.experiment_id], f"tags.kind = 'study' and tags.study = '{st.name}'",
                              order_by=["attributes.start_time DESC"], max_results=1)[0]
     client.set_experiment_tag(exp.experiment_id, "mlflow.experimentKind", "custom_model_development")
-    port = free_port()
-    server = ServerProcess([BIN / "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--backend-store-uri",
-                            uri, "--workers", "1"], port=port, log_path=work / "mlflow.log", ready_path="/health",
-                           env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, cwd=ROOT, ready_timeout=180)
+    port, server = _mlflow_server(uri, work / "mlflow.log")
     try:
         url = (f"http://127.0.0.1:{port}/#/experiments/{exp.experiment_id}/runs/{run.info.run_id}/artifacts/"
                f"report/{st.name}.png?workflowType=machine_learning")  # the UI's model-training layout
@@ -118,10 +124,7 @@ def generations_shot(out_dir: Path, out: Path, work: Path) -> None:
         raise SystemExit(f"{out_dir / 'mlflow.db'}: no experiment 'noisy-student' (run `make run` first)")
     run = client.search_runs([exp.experiment_id], "tags.kind = 'pipeline'", order_by=["attributes.start_time DESC"],
                              max_results=1)[0]
-    port = free_port()
-    server = ServerProcess([BIN / "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--backend-store-uri",
-                            uri, "--workers", "1"], port=port, log_path=work / "mlflow-gen.log", ready_path="/health",
-                           env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, cwd=ROOT, ready_timeout=180)
+    port, server = _mlflow_server(uri, work / "mlflow-gen.log")
     try:
         # No query parameters: what a newcomer sees when opening the run (the experiment's kind picks the layout).
         shoot(f"http://127.0.0.1:{port}/#/experiments/{exp.experiment_id}/runs/{run.info.run_id}/model-metrics",
