@@ -136,6 +136,12 @@ def cmd_data(args) -> None:
         _print(pull_prefix(args.uri, Path(args.dest), endpoint_url=args.endpoint_url, max_workers=args.workers))
 
 
+def cmd_pack(args) -> None:
+    from nst.pack import pack
+
+    _print(pack(args.source, args.dest, shard_size=args.shard_size, workers=args.workers))
+
+
 # ---- the pipeline ----------------------------------------------------------------------------------------------
 
 def _clean_overrides(args) -> list[str]:
@@ -340,6 +346,13 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--endpoint-url", default=None, help="default: $NST_S3_ENDPOINT_URL / $AWS_ENDPOINT_URL")
     pl.add_argument("--workers", type=int, default=8)
     d.set_defaults(func=cmd_data)
+
+    pk = sub.add_parser("pack", help="pack loose images (ImageFolder, manifest, s3:// prefix) into tar shards")
+    pk.add_argument("source", help="ImageFolder dir, CSV/Parquet manifest (path,label) or s3://bucket/prefix of files")
+    pk.add_argument("dest", help="folder or s3://bucket/prefix for NNNNN.tar + NNNNN.parquet + classes.json")
+    pk.add_argument("--shard-size", default="256MB", help="bytes of tar per shard (256MB, 1GB, 65536)")
+    pk.add_argument("--workers", type=int, default=None, help="shards written at once (default: CPUs, max 8)")
+    pk.set_defaults(func=cmd_pack)
 
     for name, gen, help_ in [
         ("builtin-data", False, "generate the built-in set named by data.builtin into data/<name>"),

@@ -9,10 +9,10 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from nst.errors import ConfigError, quote
 from nst.io import text_sha256
@@ -42,16 +42,34 @@ def _model_name(v: str) -> str:
     return v
 
 
+def _source(v: Any) -> Any:
+    """A data source: a local path, or an `s3://bucket/prefix` of image shards (kept as text: a Path would fold
+    the `//`)."""
+    if isinstance(v, str) and v.startswith("s3://"):
+        from nst.s3 import parse_s3_uri
+
+        try:
+            parse_s3_uri(v.split("{", 1)[0])
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
+        return v
+    return Path(v) if isinstance(v, str) else v  # anything else: pydantic's own error for a path
+
+
+Source = Annotated[Path | str | None, BeforeValidator(_source)]
+
+
 class DataConfig(_Strict):
     """Image sources: an ImageFolder directory (class sub-folders) or a CSV/Parquet manifest `path,label`, or a
     built-in set asked for by name (generated into its own folder, data/<name>)."""
 
     builtin: str | None = Field(None, description="toy | digits-K: generate this built-in set into data/<name>; "
                                                   "leave the paths below unset.")
-    labeled: Path | None = None
-    unlabeled: Path | None = None
-    test: Path | None = None
-    val: Path | None = None
+    labeled: Source = Field(None, description="ImageFolder, CSV/Parquet manifest, or image shards: a folder of .tar "
+                                               "files, a brace pattern, or s3://bucket/prefix/ (nst/shards.py).")
+    unlabeled: Source = None
+    test: Source = None
+    val: Source = None
     unlabeled_truth: Path | None = Field(
         None, description="Optional manifest with the hidden labels of the unlabeled set; only for reporting pseudo-label accuracy."
     )
@@ -71,6 +89,8 @@ class DataConfig(_Strict):
     num_workers: int = Field(0, ge=0, le=64, description="DataLoader worker processes (decode + augment).")
     prepare_workers: int | None = Field(None, ge=1, le=256, description="Processes checking images in prepare; null = CPU count (max 8).")
     cache_mb: int = Field(512, ge=0, description="Decoded images of a split are kept in RAM when they fit in this many MB.")
+    cache_dir: Path | None = Field(None, description="Local cache of shards read from S3; null = <out_dir>/.nst/shard-cache.")
+    cache_limit_mb: float = Field(10240, gt=0, description="The shard cache's size limit (least recently used shards go first).")
 
     @field_validator("builtin")
     @classmethod
@@ -453,6 +473,10 @@ class Config(_Strict):
         return self.out_dir / ".nst"
 
     @property
+    def shard_cache_dir(self) -> Path:
+        return self.data.cache_dir or self.state_dir / "shard-cache"
+
+    @property
     def data_dir(self) -> Path:
         return self.out_dir / "data"
 
@@ -639,9 +663,9 @@ def _format_errors(source: str, err: ValidationError) -> str:
 
 
 def _resolve_paths(cfg: Config, base: Path, source: str) -> Config:
-    def fix(p: Path | None) -> Path | None:
-        if p is None:
-            return None
+    def fix(p: Path | str | None) -> Path | str | None:
+        if p is None or isinstance(p, str):  # None, or an s3:// source
+            return None if p is None else p
         return p if p.is_absolute() else (base / p).resolve()
 
     cfg._root = base.resolve()
@@ -657,6 +681,8 @@ def _resolve_paths(cfg: Config, base: Path, source: str) -> Config:
     else:
         for f in SPLITS:
             setattr(cfg.data, f, fix(getattr(cfg.data, f)))
+    if cfg.data.cache_dir is not None:
+        cfg.data.cache_dir = fix(cfg.data.cache_dir)
     for tc in [cfg.teacher] + [g.student for g in cfg.generations]:
         if tc.pretrained_file is not None:
             tc.pretrained_file = fix(tc.pretrained_file)
@@ -670,7 +696,7 @@ def _check_out_dir_apart(cfg: Config, source: str) -> None:
     out = Path(os.path.realpath(cfg.out_dir))
     for split in SPLITS:
         src = getattr(cfg.data, split)
-        if src is None:
+        if src is None or isinstance(src, str):  # s3:// sources are not under out_dir
             continue
         real = Path(os.path.realpath(src))
         if real == out or out in real.parents or real in out.parents:
@@ -746,9 +772,10 @@ def portable_dump(cfg: Config) -> dict:
     d = cfg.model_dump(mode="json")
 
     def rel(p: str | None) -> str | None:
-        return None if p is None else cfg.rel(Path(p))
+        return None if p is None or p.startswith("s3://") else cfg.rel(Path(p))
 
     d["out_dir"] = rel(d["out_dir"])
+    d["data"]["cache_dir"] = rel(d["data"]["cache_dir"])
     for f in SPLITS:
         d["data"][f] = rel(d["data"][f])
     for tc in [d["teacher"]] + [g["student"] for g in d["generations"]]:

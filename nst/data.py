@@ -30,6 +30,7 @@ import torchvision.transforms.v2.functional as TF
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from nst.errors import DataError, NstError
+from nst.scan import IMAGE_EXTS  # re-exported: one list, shared with the shard reader (which has no torch)
 
 if TYPE_CHECKING:
     from nst.config import Config
@@ -40,13 +41,14 @@ if TYPE_CHECKING:
 # turn such photos in training and evaluation, a change of the data, not of the library.
 _TV_DEPRECATION = "The image decoding and encoding capabilities of TorchVision"
 
-IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 JPEG_EXTS = {".jpg", ".jpeg"}
 MANIFEST_SUFFIXES = (".csv", ".parquet", ".pq")
 MEAN = (0.5, 0.5, 0.5)
 STD = (0.5, 0.5, 0.5)
 MANIFEST_SCHEMA = pa.schema([("path", pa.string()), ("label", pa.int32()), ("digest", pa.binary(16)),
                              ("width", pa.int32()), ("height", pa.int32())])
+# A split read from image shards: `path` is the sample's address <shard>#<member>, offset and size locate its bytes.
+SHARD_MANIFEST_SCHEMA = MANIFEST_SCHEMA.append(pa.field("offset", pa.int64())).append(pa.field("size", pa.int64()))
 
 
 @dataclass(frozen=True)
@@ -131,7 +133,9 @@ def infer_classes(items: list[Item], source: Path) -> list[str]:
 
 
 def relpath(path: str, root: Path) -> str:
-    """Inside the project, paths are stored relative to it (portable outputs); outside, absolute."""
+    """Inside the project, paths are stored relative to it (portable outputs); outside, absolute; S3 as it is."""
+    if path.startswith("s3://"):
+        return path
     try:
         return Path(path).resolve().relative_to(root).as_posix()
     except ValueError:
@@ -139,7 +143,62 @@ def relpath(path: str, root: Path) -> str:
 
 
 def resolve_paths(paths: Sequence[str], root: Path) -> list[str]:
-    return [p if Path(p).is_absolute() else str(root / p) for p in paths]
+    return [p if p.startswith(("/", "s3://")) or Path(p).is_absolute() else str(root / p) for p in paths]
+
+
+class Blobs:
+    """The encoded bytes of a split's images by row: loose files by path, or shard members by (shard, offset,
+    size), each checked against the digest prepare recorded (a shard replaced since is refused, not trained on).
+    Arrow/numpy columns only, so forked DataLoader workers share them copy-on-write."""
+
+    def __init__(self, paths: pa.Array, offsets: np.ndarray | None = None, sizes: np.ndarray | None = None,
+                 digests: pa.Array | None = None, reader=None):
+        self.paths, self.offsets, self.sizes, self.digests, self.reader = paths, offsets, sizes, digests, reader
+
+    @classmethod
+    def from_manifest(cls, table: pa.Table, cfg: Config, rows: Sequence[int] | None = None) -> "Blobs":
+        if rows is not None:
+            table = table.take(pa.array(rows, pa.int64()))
+        paths = pa.array(resolve_paths(table.column("path").to_pylist(), cfg.root), pa.string())
+        if "offset" not in table.column_names:
+            return cls(paths)
+        return cls(paths, table.column("offset").to_numpy(), table.column("size").to_numpy(),
+                   table.column("digest").combine_chunks(), shard_reader(cfg))
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def name(self, row: int) -> str:
+        return self.paths[row].as_py()
+
+    def shard(self, row: int) -> str | None:
+        return None if self.offsets is None else self.name(row).rsplit("#", 1)[0]
+
+    def read(self, row: int) -> bytes:
+        path = self.name(row)
+        if self.offsets is None:
+            return read_bytes(path)
+        import hashlib
+
+        data = self.reader.read(path.rsplit("#", 1)[0], int(self.offsets[row]), int(self.sizes[row]))
+        if hashlib.sha256(data).digest()[:16] != self.digests[row].as_py():
+            raise DataError(f"{path}: bytes differ from those `nst prepare` recorded: the shard changed since; "
+                            "run `nst prepare` again")
+        return data
+
+
+def shard_reader(cfg: Config):
+    """The reader of the prepared shards: S3 shards through the bounded cache, with the sizes and ETags prepare
+    recorded (data/shards.json)."""
+    import json
+
+    from nst.io import prepared
+    from nst.shards import ShardCache, ShardReader
+
+    f = cfg.data_dir / "shards.json"
+    known = json.loads(prepared(f).read_text()) if f.is_file() else {}
+    etags = {s["url"]: (s["size"], s.get("etag")) for split in known.values() for s in split}
+    return ShardReader(ShardCache(cfg.shard_cache_dir, cfg.data.cache_limit_mb, etags))
 
 
 def read_manifest(path: Path, columns: list[str] | None = None) -> pa.Table:
@@ -260,10 +319,10 @@ def decode(path: str, max_pixels: int = 89_478_485) -> torch.Tensor:
     return decode_bytes(read_bytes(path), path, max_pixels)
 
 
-def open_pil(path: str, max_pixels: int, draft_size: int | None = None):
+def open_pil(path: str, max_pixels: int, draft_size: int | None = None, data: bytes | None = None):
     """8-bit RGB PIL image (for timm's PIL-based training transforms), by the same steps as decode_bytes; JPEGs are
     decoded at a reduced scale (DCT scaling) when much larger than needed."""
-    im = open_image(read_bytes(path), path, max_pixels)
+    im = open_image(read_bytes(path) if data is None else data, path, max_pixels)
     if draft_size and im.format == "JPEG":
         im.draft("RGB", (draft_size, draft_size))
     return _pil_rgb8(im, path)
@@ -372,10 +431,13 @@ class ImageDataset(Dataset):
     are read per access, so memory does not grow with the data set.
     """
 
-    def __init__(self, paths: Sequence[str] | pa.Array, image_size: int, *, kind: str = "pad_crop",
+    def __init__(self, paths: Sequence[str] | pa.Array | Blobs, image_size: int, *, kind: str = "pad_crop",
                  crop_pct: float = 0.875, transform: Callable | None = None, max_pixels: int = 89_478_485,
                  cache_mb: int = 0, rows: np.ndarray | None = None):
-        self.paths = paths if isinstance(paths, pa.Array) else pa.array(list(paths), pa.string())
+        if not isinstance(paths, Blobs):
+            paths = Blobs(paths if isinstance(paths, pa.Array) else pa.array(list(paths), pa.string()))
+        self.blobs = paths
+        self.paths = paths.paths
         self.rows = rows  # index -> row of `paths` (e.g. the balanced set's duplicated stream); None = identity
         self.image_size, self.kind, self.crop_pct = image_size, kind, crop_pct
         self.transform, self.max_pixels = transform, max_pixels
@@ -388,7 +450,8 @@ class ImageDataset(Dataset):
         return self.paths[row].as_py()
 
     def _load(self, row: int) -> torch.Tensor:
-        return eval_resize(decode(self._path(row), self.max_pixels), self.image_size, self.kind, self.crop_pct)
+        img = decode_bytes(self.blobs.read(row), self._path(row), self.max_pixels)
+        return eval_resize(img, self.image_size, self.kind, self.crop_pct)
 
     def __len__(self) -> int:
         return len(self.rows) if self.rows is not None else len(self.paths)
@@ -409,11 +472,15 @@ class ImageDataset(Dataset):
         if isinstance(key, tuple):
             i, s = key
             r = self.row(i)
-            seed_sample(s)
+            # The bytes are read before the sample's RNGs are seeded: a read may fetch a shard from S3, and botocore
+            # draws from Python's `random` (retry jitter), which would shift this sample's augmentation.
             if self.kind == "rrc" and self.transform is not None:
-                img = self.transform(open_pil(self._path(r), self.max_pixels, 2 * self.image_size))
+                data = self.blobs.read(r)
+                seed_sample(s)
+                img = self.transform(open_pil(self._path(r), self.max_pixels, 2 * self.image_size, data))
             else:
                 img = self._image(r)
+                seed_sample(s)
                 if self.transform is not None:
                     img = self.transform(img)
             return img, r
@@ -441,9 +508,8 @@ def open_split(cfg: Config, split: str, transform: Callable | None = None, image
     if not f.is_file() and split == "val":
         return None
     table = read_manifest(f)
-    paths = pa.array(resolve_paths(table.column("path").to_pylist(), cfg.root), pa.string())
     data = cfg.data if image_size in (None, cfg.data.image_size) else cfg.data.model_copy(update={"image_size": image_size})
-    ds = dataset_for(data, paths, transform=transform)
+    ds = dataset_for(data, Blobs.from_manifest(table, cfg), transform=transform)
     labels = torch.from_numpy(table.column("label").to_numpy().astype(np.int64))
     return ds, labels
 

@@ -14,7 +14,9 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Dataset
 
-from nst.data import PLAIN_MODES, Loader, decode_bytes, eval_resize, host_to_device, open_image, read_bytes, to_device
+import pyarrow as pa
+
+from nst.data import PLAIN_MODES, Blobs, Loader, decode_bytes, eval_resize, host_to_device, open_image, to_device
 
 _EXIF_ORIENTATION = 0x0112
 
@@ -25,15 +27,15 @@ class EncodedFiles(Dataset):
     an EXIF orientation, which TorchCodec applies and no other decode here does (an image must not be labelled
     turned from the way it is trained and evaluated)."""
 
-    def __init__(self, paths: list[str], data_cfg):
-        self.paths, self.cfg = paths, data_cfg
+    def __init__(self, paths: list[str] | Blobs, data_cfg):
+        self.blobs = paths if isinstance(paths, Blobs) else Blobs(pa.array(list(paths), pa.string()))
+        self.cfg = data_cfg
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.blobs)
 
     def __getitem__(self, i: int):
-        path = self.paths[i]
-        data = read_bytes(path)
+        path, data = self.blobs.name(i), self.blobs.read(i)
         im = open_image(data, path, self.cfg.max_image_pixels)
         if im.format == "JPEG" and im.mode in PLAIN_MODES and im.getexif().get(_EXIF_ORIENTATION, 1) == 1:
             return torch.frombuffer(bytearray(data), dtype=torch.uint8), True
@@ -49,7 +51,7 @@ def decode_jpegs(encoded: list[torch.Tensor], device: torch.device) -> list[torc
     return decode_jpeg(encoded, mode="RGB", device=device) if encoded else []
 
 
-def predict_logits_from_bytes(model, paths: list[str], data_cfg, device: torch.device, batch_size: int, workers: int,
+def predict_logits_from_bytes(model, paths: list[str] | Blobs, data_cfg, device: torch.device, batch_size: int, workers: int,
                               *, amp: bool | str, channels_last: bool) -> torch.Tensor:
     model.eval()
     if channels_last:  # before inference mode (see nst.train.predict_logits)

@@ -1,10 +1,11 @@
-"""Pull and push folders on any S3-compatible store (AWS, MinIO, moto) with boto3.
+"""S3-compatible stores (AWS, MinIO, moto) with boto3: the client every part uses, URIs, listing, and
+`nst data pull` / push of folders.
 
-Pulls are incremental and crash-safe: each object is downloaded to a temp file and renamed into place,
-and a sidecar manifest (`.s3-manifest.json`) records the ETag and size of what is on disk, so a re-pull
-fetches only objects that changed. API calls retry through botocore's retry config; each object
-download also retries a few times with backoff for failures botocore does not retry (a stream cut
-mid-body, a connection dropped). Credentials come only from boto3's usual chain and are never logged.
+Transfers are boto3's managed ones (s3transfer: a temp file renamed into place, a stream cut mid-body read again,
+multipart for large objects); API calls retry through botocore's retry config. What boto3 does not do is kept:
+incremental pulls (a sidecar manifest, `.s3-manifest.json`, records the ETag and size of what is on disk, so a
+re-pull fetches only objects that changed), refusing keys that would escape the destination, and one-line errors
+naming the keys that failed. Credentials come only from boto3's usual chain and are never logged.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,14 +22,12 @@ from nst.errors import ConfigError, DataError, NstError, quote
 from nst.progress import Progress
 from nst.secrets import redact
 
-from nst.io import atomic_path, atomic_write_json, read_json
+from nst.io import atomic_write_json, read_json
 
 log = logging.getLogger(__name__)
 
 MANIFEST_NAME = ".s3-manifest.json"
-_CHUNK = 1 << 20
 _BUCKET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.\-_]{1,253}[A-Za-z0-9]$")
-_TRANSIENT_CODES = {"InternalError", "ServiceUnavailable", "SlowDown", "Throttling", "RequestTimeout"}
 
 
 class S3PullError(NstError, RuntimeError):
@@ -46,10 +44,6 @@ def _s3_reason(e: BaseException) -> str:
         err = e.response.get("Error", {})
         return f"{err.get('Code', 'error')}: {err.get('Message', '')}".strip()
     return redact(_one_line(e))
-
-
-class _IncompleteDownload(Exception):
-    """Body ended before Content-Length bytes arrived (treated as transient)."""
 
 
 @dataclass(frozen=True)
@@ -147,49 +141,14 @@ def list_prefix(client, bucket: str, prefix: str, *, page_size: int | None = Non
     return out
 
 
-def _is_transient(exc: BaseException) -> bool:
-    from botocore.exceptions import (
-        ClientError,
-        ConnectionError as BotoConnectionError,
-        HTTPClientError,
-        IncompleteReadError,
-    )
+def _download_one(client, bucket: str, obj: S3Object, path: Path, attempts: int) -> tuple[str, int]:
+    """boto3's managed download of one object: the old local file survives a failure. Returns (etag, size)."""
+    from boto3.s3.transfer import TransferConfig
 
-    if isinstance(exc, (_IncompleteDownload, HTTPClientError, BotoConnectionError, IncompleteReadError)):
-        return True  # HTTPClientError covers ResponseStreamingError, ReadTimeoutError, ConnectionClosedError
-    if isinstance(exc, ClientError):
-        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
-        return status >= 500 or exc.response.get("Error", {}).get("Code") in _TRANSIENT_CODES
-    return isinstance(exc, ConnectionError)
-
-
-def _download_one(client, bucket: str, obj: S3Object, path: Path, attempts: int, backoff_s: float):
-    """Download one object atomically; returns (etag, size, retries). Old local file survives a failure."""
-    for attempt in range(1, attempts + 1):
-        try:
-            with atomic_path(path) as tmp:
-                resp = client.get_object(Bucket=bucket, Key=obj.key)
-                body = resp["Body"]
-                n = 0
-                try:
-                    with open(tmp, "wb") as f:
-                        while chunk := body.read(_CHUNK):
-                            f.write(chunk)
-                            n += len(chunk)
-                finally:
-                    body.close()
-                expected = resp.get("ContentLength")
-                if expected is not None and n != expected:
-                    raise _IncompleteDownload(f"got {n} of {expected} bytes")
-            return resp.get("ETag", obj.etag), n, attempt - 1
-        except Exception as e:
-            if attempt >= attempts or not _is_transient(e):
-                raise
-            delay = backoff_s * (2 ** (attempt - 1))
-            log.warning("s3 get %s failed (%s: %s); retry %d/%d in %.1fs",
-                        obj.key, type(e).__name__, _one_line(e), attempt, attempts - 1, delay)
-            time.sleep(delay)
-    raise AssertionError("unreachable")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    client.download_file(bucket, obj.key, str(path),
+                         Config=TransferConfig(use_threads=False, num_download_attempts=attempts))
+    return obj.etag, path.stat().st_size
 
 
 def _one_line(exc: BaseException, limit: int = 200) -> str:
@@ -214,13 +173,13 @@ def pull_prefix(
     client=None,
     page_size: int | None = None,
     attempts: int = 3,
-    backoff_s: float = 0.2,
     allow_empty: bool = False,
 ) -> dict[str, int]:
     """Mirror the folder `uri` into `dest_dir` (never deletes local files).
 
-    Skips objects whose local file has the listed size and whose manifest ETag matches. Returns counts
-    {listed, downloaded, skipped, failed, bytes, retries}; raises S3PullError naming keys that still
+    Skips objects whose local file has the listed size and whose manifest ETag matches. `attempts`: reads of a
+    stream cut mid-body (s3transfer's retries; botocore retries 5xx answers itself). Returns counts
+    {listed, downloaded, skipped, failed, bytes}; raises S3PullError naming keys that still
     failed (the manifest is still written for the ones that succeeded). An empty prefix raises unless
     `allow_empty`, since it is almost always a wrong URI.
     """
@@ -254,19 +213,17 @@ def pull_prefix(
         else:
             todo.append(o)
 
-    counts = {"listed": len(objects), "downloaded": 0, "skipped": len(objects) - len(todo),
-              "failed": 0, "bytes": 0, "retries": 0}
+    counts = {"listed": len(objects), "downloaded": 0, "skipped": len(objects) - len(todo), "failed": 0, "bytes": 0}
     failed: dict[str, BaseException] = {}
     if todo:
         with ThreadPoolExecutor(max_workers=max(1, min(max_workers, len(todo)))) as pool:
-            futures = {pool.submit(_download_one, client, bucket, o, dest / o.rel, attempts, backoff_s): o
-                       for o in todo}
+            futures = {pool.submit(_download_one, client, bucket, o, dest / o.rel, attempts): o for o in todo}
             bar = Progress(f"pull {uri}", total=sum(o.size for o in todo), unit="B", logger=log).__enter__()
             for fut in as_completed(futures):
                 o = futures[fut]
                 bar.advance(o.size)
                 try:
-                    etag, size, retries = fut.result()
+                    etag, size = fut.result()
                 except Exception as e:  # collected and reported together below
                     failed[o.key] = e
                     log.warning("s3 get %s failed for good: %s: %s", o.key, type(e).__name__, _one_line(e))
@@ -274,7 +231,6 @@ def pull_prefix(
                 new_manifest[o.rel] = {"etag": etag, "size": size}
                 counts["downloaded"] += 1
                 counts["bytes"] += size
-                counts["retries"] += retries
             bar.__exit__(None, None, None)
 
     atomic_write_json(dest / MANIFEST_NAME, dict(sorted(new_manifest.items())))
@@ -285,7 +241,7 @@ def pull_prefix(
         shown = ", ".join(keys[:10]) + (f" (+{len(keys) - 10} more)" if len(keys) > 10 else "")
         first = failed[keys[0]]
         raise S3PullError(
-            f"pull {uri}: {len(keys)} of {len(objects)} object(s) failed after {attempts} attempt(s): {shown} "
+            f"pull {uri}: {len(keys)} of {len(objects)} object(s) failed: {shown} "
             f"(first error: {type(first).__name__}: {_s3_reason(first)})"
         )
     return counts

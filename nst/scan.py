@@ -36,6 +36,7 @@ from nst.errors import DataError
 
 log = logging.getLogger("nst.scan")
 
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 DIGEST_CHARS = 32  # 128 bits of sha256: collision-free for any dataset, half the bytes in every manifest row
 LIMIT_NAME = "data.max_image_pixels"
 _MAX_ERROR = 200
@@ -235,6 +236,18 @@ def _examine(path: str, verify: str, max_pixels: int | None) -> Entry | str:
         st, data = _read(path)
     except OSError as e:
         return _one_line(f"cannot read file ({e.strerror or e})")
+    return Entry(path, st.st_size, st.st_mtime_ns, _inode(st), *_inspect(data, verify, max_pixels))
+
+
+def check_bytes(name: str, data: bytes, *, max_pixels: int | None, verify: str = "header") -> FileCheck:
+    """The check of one file's bytes already in memory (a shard member): the same verdicts as check_files."""
+    digest, width, height, header_error, decode_ok, decode_error, mode = _inspect(data, verify, max_pixels)
+    e = Entry(name, len(data), 0, 0, digest, width, height, header_error, decode_ok, decode_error, mode)
+    return _to_check(name, e, verify, max_pixels)
+
+
+def _inspect(data: bytes, verify: str, max_pixels: int | None) -> tuple:
+    """(digest, width, height, header_error, decode_ok, decode_error, mode) of an image's bytes."""
     digest = hashlib.sha256(data).hexdigest()[:DIGEST_CHARS]
     width = height = header_error = decode_ok = decode_error = mode = None
     try:
@@ -255,8 +268,7 @@ def _examine(path: str, verify: str, max_pixels: int | None) -> Entry | str:
             raise
         except Exception as e:  # noqa: BLE001 - whatever the decoder raises, the file cannot be used
             decode_ok, decode_error = False, _one_line(f"truncated or corrupt (decode failed: {e})")
-    return Entry(path, st.st_size, st.st_mtime_ns, _inode(st), digest, width, height, header_error, decode_ok,
-                 decode_error, mode)
+    return digest, width, height, header_error, decode_ok, decode_error, mode
 
 
 def _examine_chunk(paths: list[str], verify: str, max_pixels: int | None) -> list[Entry | str]:

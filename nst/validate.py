@@ -44,7 +44,7 @@ def check_sources(cfg: Config, source: str = "params.yaml") -> None:
         return
     for field in SPLITS:
         p = getattr(cfg.data, field)
-        if p is None:
+        if p is None or isinstance(p, str) or "{" in str(p):  # S3 and brace patterns: prepare names a missing shard
             continue
         try:
             ok = p.exists()

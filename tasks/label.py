@@ -19,7 +19,7 @@ import torch
 
 from nst.checkpoint import WEIGHTS, load_model
 from nst.config import Config
-from nst.data import dataset_for, read_classes, read_manifest, resolve_paths
+from nst.data import Blobs, dataset_for, read_classes, read_manifest
 from nst.errors import StageError
 from nst.io import atomic_write_json
 from nst.labels import plan_shards, read_shard_metadata, write_label_shard
@@ -76,11 +76,14 @@ def label_shards(cfg: Config, gen: str, shards: list[int]) -> list[dict]:
     manifest = read_manifest(cfg.data_dir / "unlabeled.parquet")
     with Progress(f"{gen}/label", total=sum(min(pl.shard_size, manifest.num_rows - s * pl.shard_size) for s in todo),
                   unit="img", logger=log) as bar:
-        for s in todo:
+        blobs = {s: Blobs.from_manifest(manifest.slice(s * pl.shard_size, pl.shard_size), cfg) for s in todo}
+        for i, s in enumerate(todo):
             lo, hi = s * pl.shard_size, min((s + 1) * pl.shard_size, manifest.num_rows)
-            paths = resolve_paths(manifest.column("path").slice(lo, hi - lo).to_pylist(), cfg.root)
+            if i + 1 < len(todo):  # read-ahead: the next group's S3 shards arrive while this one is labelled
+                nxt = blobs[todo[i + 1]]
+                nxt.reader.prefetch([nxt.shard(r) for r in range(len(nxt))]) if nxt.reader else None
             try:
-                logits = _logits(model, paths, cfg, device, tc)
+                logits = _logits(model, blobs[s], cfg, device, tc)
             except Exception as e:
                 raise StageError(f"{gen}/label shard {s}: {str(e).splitlines()[0][:300]}") from e
             pred, conf, classes, probs = soft_targets(logits, pl.mode, pl.temperature, pl.top_k)
@@ -95,7 +98,7 @@ def label_shards(cfg: Config, gen: str, shards: list[int]) -> list[dict]:
     return sorted(results, key=lambda r: r["shard"])
 
 
-def _logits(model, paths: list[str], cfg: Config, device: torch.device, tc) -> torch.Tensor:
+def _logits(model, paths: Blobs, cfg: Config, device: torch.device, tc) -> torch.Tensor:
     if device.type == "cuda" and cfg.pseudo_label.gpu_decode:
         from nst.gpu_decode import predict_logits_from_bytes
 

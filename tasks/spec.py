@@ -34,9 +34,9 @@ REPO = Path(__file__).resolve().parents[1]
 STAMP = "config.json"
 
 # Vocabulary of the declarations (tasks/*.py): config key groups and the source every model stage runs.
-CORE = ("nst/config.py", "nst/errors.py", "nst/io.py", "nst/secrets.py")
+CORE = ("nst/config.py", "nst/errors.py", "nst/io.py", "nst/s3.py", "nst/secrets.py")  # s3: URIs in data sources
 MODEL_CODE = CORE + ("models", "nst/checkpoint.py", "nst/data.py", "nst/distributed.py", "nst/labels.py",
-                     "nst/scan.py", "nst/train.py")
+                     "nst/scan.py", "nst/shards.py", "nst/train.py")
 # Imported by stages but without effect on what they write (progress display, live tracking, this module):
 # left out of the code versions, so editing them re-runs nothing. tests/test_contract.py checks the rest.
 NO_EFFECT = ("nst/progress.py", "nst/settings.py", "nst/tracking.py", "nst/proc.py", "nst/validate.py", "tasks/spec.py",
@@ -115,7 +115,14 @@ def path_digest(path: Path, cfg: Config) -> str:
     folder's files are. Images go through the scan's persistent cache, so unchanged files are not read again, and
     are read in parallel as prepare reads them (a cold fingerprint comes first and would otherwise read them all)."""
     from nst.scan import HashCache, files_digest, tree_digest
+    from nst.shards import is_s3, list_shards
 
+    if is_s3(path):  # an S3 shard set: its listing (key, size, ETag), one LIST; the objects stay where they are
+        return hashlib.sha256(json.dumps([[s.url, s.size, s.etag] for s in list_shards(path)]).encode()).hexdigest()
+    if "{" in str(path):  # a local brace pattern: the files it names
+        files = [s.url for s in list_shards(path)]
+        with HashCache.for_out_dir(cfg.out_dir) as cache:
+            return files_digest([cfg.rel(Path(f)) for f in files], files, cache, workers=cfg.data.scan_workers)
     if path.is_file():
         from nst.data import manifest_images
 
@@ -249,7 +256,13 @@ def _dvc_deps(cfg: Config, p: Path) -> list[str]:
     its images share (coarser than the fingerprint, never blind to changed pixels); a folder that would hold
     out_dir (the project itself) cannot be a dep, and then DVC sees the manifest alone."""
     from nst.data import manifest_images
+    from nst.shards import is_s3
 
+    if is_s3(p):  # DVC's external dependency: it checks the objects' ETags
+        return [p.split("{", 1)[0].rsplit("/", 1)[0] + "/" if "{" in p else p]
+    if "{" in str(p):  # a brace pattern: the folder of its shards
+        return [cfg.rel(Path(str(p).split("{", 1)[0]).parent if not str(p).split("{", 1)[0].endswith("/")
+                        else Path(str(p).split("{", 1)[0]))]
     listed = manifest_images(p) if p.is_file() else None
     if not listed:
         return [cfg.rel(p)]

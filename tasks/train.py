@@ -8,12 +8,11 @@ import logging
 import time
 from pathlib import Path
 
-import pyarrow as pa
 import torch
 
 from nst.checkpoint import STATE, WEIGHTS, init_model, load_model
 from nst.config import Config
-from nst.data import build_train_transform, dataset_for, open_split, read_classes, read_manifest, resolve_paths
+from nst.data import Blobs, build_train_transform, dataset_for, open_split, read_classes, read_manifest
 from nst.distributed import setup
 from nst.errors import StageError
 from nst.io import atomic_write_json
@@ -129,8 +128,8 @@ def student_data(cfg: Config, gen: str, transform) -> tuple:
         raise StageError(f"{balanced}: no pseudo-labels to train on (filter.threshold = {cfg.filter.threshold} "
                          "kept none); lower the threshold")
     manifest = read_manifest(cfg.data_dir / "unlabeled.parquet")
-    paths = pa.array(resolve_paths(manifest.column("path").take(pa.array(t.rows)).to_pylist(), cfg.root), pa.string())
-    ds = dataset_for(cfg.data, paths, transform=transform, rows=StreamRows(t), cache=False)
+    ds = dataset_for(cfg.data, Blobs.from_manifest(manifest, cfg, t.rows), transform=transform, rows=StreamRows(t),
+                     cache=False)
     return ds, SparseTargets(t.classes, t.probs, t.num_classes)
 
 

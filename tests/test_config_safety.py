@@ -253,7 +253,7 @@ def test_any_yaml_document_loads_or_is_one_line(tmp_path_factory, doc):
        value=st.one_of(_values.map(lambda v: json.dumps(v, default=str)), st.text(max_size=40)))
 def test_any_override_loads_or_is_one_error_line(tiny_project, capsys, key, value):
     capsys.readouterr()
-    rc = main(["dvc-yaml", "--check", "-p", str(tiny_project), "-S", f"{key}={value}"])
+    rc = main(["dvc-yaml", "--check", "-p", str(tiny_project), f"--set={key}={value}"])  # a key may start with "-"
     err = capsys.readouterr().err
     assert "Traceback" not in err and "internal error" not in err, err
     if rc != 0:  # one error: line; a config with several problems continues it with one line per problem

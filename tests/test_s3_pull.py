@@ -1,12 +1,13 @@
-"""nst.s3 against a real moto S3 server over HTTP; boto3 is wrapped only to inject faults."""
+"""nst.s3 against a real moto S3 server over HTTP; faults are real ones, injected by an HTTP proxy in front of it
+(tests/servers.py: FaultProxy): a stream cut mid-body, 403 and 500 answers."""
 
 from __future__ import annotations
 
-import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from botocore.exceptions import ClientError, ResponseStreamingError
+from servers import FaultProxy
 
 from nst.s3 import MANIFEST_NAME, S3PullError, make_client, parse_s3_uri, pull_prefix, push_dir
 from nst.io import read_json
@@ -40,46 +41,19 @@ def seeded(tmp_path, moto_s3, s3_bucket):
     return uri, files, client
 
 
-class _BrokenBody:
-    """A response body that delivers part of the data and then fails like a dropped connection."""
+@contextmanager
+def proxied(moto_s3, key: str, times: int, mode: str = "cut", status: int = 503):
+    """A client whose requests for `key` go through a FaultProxy (cut mid-body, or answered with `status`)."""
+    import boto3
+    from botocore.config import Config
 
-    def __init__(self, data: bytes):
-        self._data = data[: max(1, len(data) // 2)]
-        self._done = False
-
-    def read(self, amt=None):
-        if not self._done:
-            self._done = True
-            return self._data
-        raise ResponseStreamingError(error="connection reset by peer (injected)")
-
-    def close(self):
-        pass
-
-
-class FaultyClient:
-    """Delegates to a real client; get_object on `key` breaks mid-stream for the first `fail_times` calls."""
-
-    def __init__(self, real, key: str, fail_times: int = 1, error: Exception | None = None):
-        self._real, self._key, self._fail_times, self._error = real, key, fail_times, error
-        self.calls: dict[str, int] = {}
-        self._lock = threading.Lock()
-
-    def __getattr__(self, name):
-        return getattr(self._real, name)
-
-    def get_object(self, **kw):
-        with self._lock:
-            n = self.calls[kw["Key"]] = self.calls.get(kw["Key"], 0) + 1
-        if kw["Key"] == self._key and n <= self._fail_times:
-            if self._error is not None:
-                raise self._error
-            resp = self._real.get_object(**kw)
-            data = resp["Body"].read()
-            resp["Body"].close()
-            resp["Body"] = _BrokenBody(data)
-            return resp
-        return self._real.get_object(**kw)
+    proxy = FaultProxy(moto_s3.endpoint_url, key, times=times, mode=mode, status=status)
+    try:
+        yield proxy, boto3.client("s3", endpoint_url=proxy.url, aws_access_key_id="testing",
+                                  aws_secret_access_key="testing", region_name="us-east-1",
+                                  config=Config(retries={"max_attempts": 3, "mode": "standard"}))
+    finally:
+        proxy.stop()
 
 
 def test_pull_paginates_and_matches_bytes(tmp_path, seeded):
@@ -92,7 +66,7 @@ def test_pull_paginates_and_matches_bytes(tmp_path, seeded):
 
     assert len(pages) == 3  # 25 objects at 10 per page
     assert counts == {"listed": 25, "downloaded": 25, "skipped": 0, "failed": 0,
-                      "bytes": sum(map(len, files.values())), "retries": 0}
+                      "bytes": sum(map(len, files.values()))}
     assert _local_files(dest) == files
     manifest = read_json(dest / MANIFEST_NAME)
     assert sorted(manifest) == sorted(files)
@@ -129,36 +103,30 @@ def test_local_file_with_wrong_size_is_refetched(tmp_path, seeded):
     assert (dest / "img_001.bin").read_bytes() == files["img_001.bin"]
 
 
-def test_broken_stream_is_retried(tmp_path, seeded):
-    uri, files, client = seeded
-    _, prefix = parse_s3_uri(uri)
-    key = f"{prefix}/img_002.bin"
-    faulty = FaultyClient(client, key, fail_times=1)
+def test_broken_stream_is_retried(tmp_path, seeded, moto_s3):
+    uri, files, _ = seeded
+    bucket, prefix = parse_s3_uri(uri)
     dest = tmp_path / "dest"
-
-    counts = pull_prefix(uri, dest, client=faulty, backoff_s=0.01)
-
-    assert faulty.calls[key] == 2
-    assert counts["retries"] == 1 and counts["failed"] == 0 and counts["downloaded"] == 25
+    with proxied(moto_s3, f"/{bucket}/{prefix}/img_002.bin", times=1) as (proxy, client):
+        counts = pull_prefix(uri, dest, client=client)
+    assert proxy.failed == 1 and proxy.hits == 2  # cut once, read again
+    assert counts["failed"] == 0 and counts["downloaded"] == 25
     assert _local_files(dest) == files
-    assert not list(dest.rglob("*.tmp"))
 
 
-def test_permanent_failure_names_key_and_leaves_no_partial_file(tmp_path, seeded):
+def test_permanent_failure_names_key_and_leaves_no_partial_file(tmp_path, seeded, moto_s3):
     uri, files, client = seeded
-    _, prefix = parse_s3_uri(uri)
+    bucket, prefix = parse_s3_uri(uri)
     rel = "class_1/sub/img_009.bin"
-    faulty = FaultyClient(client, f"{prefix}/{rel}", fail_times=99)
     dest = tmp_path / "dest"
-
-    with pytest.raises(S3PullError) as ei:
-        pull_prefix(uri, dest, client=faulty, attempts=3, backoff_s=0.01)
-
+    with proxied(moto_s3, f"/{bucket}/{prefix}/{rel}", times=99) as (proxy, faulty):
+        with pytest.raises(S3PullError) as ei:
+            pull_prefix(uri, dest, client=faulty, attempts=3)
     msg = str(ei.value)
     assert "\n" not in msg and f"{prefix}/{rel}" in msg and "1 of 25" in msg
-    assert faulty.calls[f"{prefix}/{rel}"] == 3
+    assert proxy.failed == 3
     assert not (dest / rel).exists()
-    assert not list(dest.rglob("*.tmp"))
+    assert [p.name for p in dest.rglob("*") if p.is_file() and p.name.startswith("img_009")] == []
     assert rel not in read_json(dest / MANIFEST_NAME)
     others = {k: v for k, v in files.items() if k != rel}
     assert _local_files(dest) == others
@@ -169,7 +137,7 @@ def test_permanent_failure_names_key_and_leaves_no_partial_file(tmp_path, seeded
     assert _local_files(dest) == files
 
 
-def test_failed_update_keeps_old_local_copy(tmp_path, seeded):
+def test_failed_update_keeps_old_local_copy(tmp_path, seeded, moto_s3):
     uri, files, client = seeded
     bucket, prefix = parse_s3_uri(uri)
     rel = "img_004.bin"
@@ -177,35 +145,30 @@ def test_failed_update_keeps_old_local_copy(tmp_path, seeded):
     pull_prefix(uri, dest, client=client)
     client.put_object(Bucket=bucket, Key=f"{prefix}/{rel}", Body=b"version two")
 
-    with pytest.raises(S3PullError):
-        pull_prefix(uri, dest, client=FaultyClient(client, f"{prefix}/{rel}", fail_times=99), backoff_s=0.01)
+    with proxied(moto_s3, f"/{bucket}/{prefix}/{rel}", times=99) as (_, faulty):
+        with pytest.raises(S3PullError):
+            pull_prefix(uri, dest, client=faulty)
     assert (dest / rel).read_bytes() == files[rel]  # atomic: old version intact, not half of the new one
 
     assert pull_prefix(uri, dest, client=client)["downloaded"] == 1
     assert (dest / rel).read_bytes() == b"version two"
 
 
-def test_non_transient_error_is_not_retried(tmp_path, seeded):
-    uri, _, client = seeded
-    _, prefix = parse_s3_uri(uri)
-    key = f"{prefix}/img_005.bin"
-    denied = ClientError({"Error": {"Code": "AccessDenied", "Message": "nope"},
-                          "ResponseMetadata": {"HTTPStatusCode": 403}}, "GetObject")
-    faulty = FaultyClient(client, key, fail_times=99, error=denied)
-    with pytest.raises(S3PullError, match="AccessDenied"):
-        pull_prefix(uri, tmp_path / "dest", client=faulty, backoff_s=0.01)
-    assert faulty.calls[key] == 1
+def test_non_transient_error_is_not_retried(tmp_path, seeded, moto_s3):
+    uri, _, _ = seeded
+    bucket, prefix = parse_s3_uri(uri)
+    with proxied(moto_s3, f"/{bucket}/{prefix}/img_005.bin", times=99, mode="status", status=403) as (proxy, c):
+        with pytest.raises(S3PullError, match="403"):
+            pull_prefix(uri, tmp_path / "dest", client=c)
+    assert proxy.hits == 1
 
 
-def test_server_500_is_retried(tmp_path, seeded):
-    uri, files, client = seeded
-    _, prefix = parse_s3_uri(uri)
-    key = f"{prefix}/img_007.bin"
-    err = ClientError({"Error": {"Code": "InternalError", "Message": "boom"},
-                       "ResponseMetadata": {"HTTPStatusCode": 500}}, "GetObject")
-    faulty = FaultyClient(client, key, fail_times=2, error=err)
-    counts = pull_prefix(uri, tmp_path / "dest", client=faulty, attempts=3, backoff_s=0.01)
-    assert faulty.calls[key] == 3 and counts["retries"] == 2
+def test_server_500_is_retried(tmp_path, seeded, moto_s3):
+    uri, files, _ = seeded
+    bucket, prefix = parse_s3_uri(uri)
+    with proxied(moto_s3, f"/{bucket}/{prefix}/img_007.bin", times=2, mode="status", status=500) as (proxy, c):
+        pull_prefix(uri, tmp_path / "dest", client=c)
+    assert proxy.failed == 2 and proxy.hits == 4  # two 500s retried by botocore, then HEAD + GET
     assert _local_files(tmp_path / "dest") == files
 
 
