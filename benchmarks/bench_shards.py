@@ -140,6 +140,17 @@ def _label_rate(cfg) -> float:
     return len(ds) / t
 
 
+def _fetch_seconds(cfg) -> tuple[float, int, int]:
+    """The S3 part of a cold read: every shard into an empty cache, nothing decoded."""
+    from nst.data import shard_reader
+
+    shutil.rmtree(cfg.shard_cache_dir, ignore_errors=True)
+    reader = shard_reader(cfg)
+    urls = sorted(reader.cache.etags)
+    t, _ = timed(lambda: [reader.cache.path(u) for u in urls])
+    return t, len(urls), sum(reader.cache.etags[u][0] for u in urls)
+
+
 def _student_rate(cfg, n: int) -> float:
     """The student's data path alone: a balanced, duplicated stream (rows drawn with copies, seeded) of augmented
     images through the DataLoader, as train-student builds it."""
@@ -173,6 +184,9 @@ def bench_read(n: int, tmp: Path, which: str) -> list[dict]:
         rows = []
         if which in ("label", "all"):
             r = {k: _label_rate(c) for k, c in cfgs.items()}
+            fetch = _fetch_seconds(cfgs["s3"])
+            print(f"  (S3: fetching its {fetch[1]} shard(s), {fetch[2] / 2**20:.1f} MiB, into the empty cache alone "
+                  f"takes {fetch[0]:.2f} s)")
             print(f"labelling {n} images with nst_cnn_s, batch 256, 2 threads (img/s; ratio = other / baseline)")
             rows += [row("label: local shards vs loose", r["loose"], r["shards"], "img/s", True),
                      row("label: S3 shards vs local shards", r["shards"], r["s3"], "img/s", True)]
@@ -209,20 +223,24 @@ def bench_prepare(n: int, tmp: Path) -> list[dict]:
         params = tmp / f"params-{k}.yaml"
         params.write_text(json.dumps({"device": "cpu", "out_dir": str(tmp / f"out-{k}"), "tracking": {"enabled": False},
                                       "data": {"labeled": str(tmp / "lab"), "unlabeled": str(src),
-                                               "test": str(tmp / "lab"), "classes": ["a", "b"]}}))
+                                               "test": str(tmp / "lab")}}))
         if not (tmp / "lab").exists():
             make_folder(tmp / "lab", 20, classes=2)
-        code = ("import resource, time, sys; from nst.config import load_config; from tasks.prepare import prepare; "
-                "t = time.perf_counter(); prepare(load_config(sys.argv[1], check_models=False)); "
-                "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
-        out = subprocess.run([sys.executable, "-c", code, str(params)], cwd=ROOT, capture_output=True, text=True,
-                             check=True).stdout.split()
-        secs, rss_mb = float(out[0]), int(out[1]) / 1024
+        # VmHWM (this process's peak RSS), not ru_maxrss: that one carries over exec from the forked parent
+        code = ("import re, time, sys; from nst.config import load_config; from tasks.prepare import prepare; "
+                "hwm = lambda: int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read())[1]); "
+                "r0 = hwm(); t = time.perf_counter(); prepare(load_config(sys.argv[1], check_models=False)); "
+                "print(time.perf_counter() - t, hwm(), r0)")
+        p = subprocess.run([sys.executable, "-c", code, str(params)], cwd=ROOT, capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr[-2000:]
+        out = p.stdout.split()
+        secs, rss_mb, base_mb = float(out[0]), int(out[1]) / 1024, int(out[2]) / 1024
         man = tmp / f"out-{k}" / "data" / "unlabeled.parquet"
-        print(f"  prepare {k:>9} images from shards: {secs:7.1f} s, {k / secs:8.0f} img/s, peak RSS {rss_mb:7.0f} MB, "
-              f"manifest {man.stat().st_size / 2**20:.1f} MB", flush=True)
+        print(f"  prepare {k:>9} images from shards: {secs:7.1f} s, {k / secs:8.0f} img/s, peak RSS {rss_mb:7.0f} MB "
+              f"({rss_mb - base_mb:+.0f} MB over the imports), manifest {man.stat().st_size / 2**20:.1f} MB", flush=True)
         rows.append({"what": f"prepare {k} from shards", "seconds": round(secs, 1), "img_per_s": round(k / secs),
-                     "peak_rss_mb": round(rss_mb), "manifest_mb": round(man.stat().st_size / 2**20, 1)})
+                     "peak_rss_mb": round(rss_mb), "over_imports_mb": round(rss_mb - base_mb),
+                     "manifest_mb": round(man.stat().st_size / 2**20, 1)})
         shutil.rmtree(src)
     return rows
 

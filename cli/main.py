@@ -442,10 +442,12 @@ def _setup_logging(verbose: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     for k, v in OFFLINE_DEFAULTS.items():  # no network but package registries: fail fast, never phone home
         os.environ.setdefault(k, v)
-    if os.environ.get("NST_PARENT_PID"):
+    if os.environ.get("NST_PARENT_PID") or os.environ.get("TORCHELASTIC_RUN_ID"):
         from nst.proc import die_with_parent
 
-        die_with_parent()  # a launched stage (and each torchrun rank) dies with the process that started it
+        # A launched stage (and each torchrun rank) dies with the process that started it; a rank started by an
+        # outside launcher's torchrun (srun, a PyTorchJob) with its agent, which runs it in a session of its own.
+        die_with_parent()
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
     try:

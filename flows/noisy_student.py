@@ -41,7 +41,8 @@ from nst.io import run_lock
 from nst.proc import ChildFailed, run_child
 from nst.validate import check_sources
 from tasks.label import LABEL, finish_labels, num_shards, shard_key
-from tasks.pipeline import STAGES, TRAINING, needs_torchrun, stage_argv, steps, torchrun_argv
+from tasks.pipeline import (STAGES, TRAINING, check_nodes, multi_node, needs_torchrun, stage_argv, steps,
+                            torchrun_argv)
 from tasks.spec import Stage, execute, fingerprint, outputs_exist, read_stamp
 
 RESULTS_DIR = ".prefect-results"
@@ -82,6 +83,12 @@ def _begin(name: str) -> None:
 _LINE = re.compile(r"^\d\d:\d\d:\d\d (DEBUG|INFO|WARNING|ERROR|CRITICAL) (\S+): (.*)$")
 
 
+def _child_env(spec: dict[str, Any], env: dict[str, str] | None) -> dict[str, str]:
+    # The run's lock token travels in the spec: on a Dask worker the flow's environment is not ours to inherit.
+    token = {"NST_RUN_TOKEN": spec["run_token"]} if spec.get("run_token") else {}
+    return {**os.environ, **token, **(env or {})}
+
+
 def _launch(argv: list[str], name: str, spec: dict[str, Any], env: dict[str, str] | None = None) -> None:
     """Run a stage command, its log lines into this task run's log (level kept); fail with its last error."""
     logger = get_run_logger()
@@ -93,10 +100,8 @@ def _launch(argv: list[str], name: str, spec: dict[str, Any], env: dict[str, str
         elif line.strip() and not line.startswith(("error:", "internal error:")):
             logger.info("%s", line)
 
-    # The run's lock token travels in the spec: on a Dask worker the flow's environment is not ours to inherit.
-    token = {"NST_RUN_TOKEN": spec["run_token"]} if spec.get("run_token") else {}
     try:
-        run_child(argv, on_line=on_line, env={**os.environ, **token, **(env or {})})
+        run_child(argv, on_line=on_line, env=_child_env(spec, env))
     except ChildFailed as e:
         raise StageFailed(f"{name}: {e.last_error.removeprefix('error: ')}") from None
 
@@ -139,9 +144,18 @@ def command_task(spec: dict[str, Any], stage_name: str, gen: str, run_id: str | 
     _begin(f"{gen}/{stage_name}")
     stage, cfg = STAGES[stage_name], config_of(spec)
     argv = stage_argv(stage, gen, spec["params_path"], spec["overrides"])
+    env = {RUN_ENV: run_id} if run_id else None
+    if multi_node(stage, cfg):  # one torchrun agent per Dask worker (machine)
+        from flows.runners import launch_nodes
+
+        try:
+            launch_nodes(cfg, argv, stage.task_name(gen), _child_env(spec, env))
+        except ChildFailed as e:
+            raise StageFailed(f"{stage.task_name(gen)}: {e.last_error.removeprefix('error: ')}") from None
+        return (read_stamp(stage, cfg, gen) or {}).get("result", {})
     if n := needs_torchrun(stage, cfg):
         argv = torchrun_argv(n, argv)
-    _launch(argv, stage.task_name(gen), spec, {RUN_ENV: run_id} if run_id else None)
+    _launch(argv, stage.task_name(gen), spec, env)
     return (read_stamp(stage, cfg, gen) or {}).get("result", {})
 
 
@@ -318,6 +332,7 @@ def noisy_student(params_path: str = "params.yaml", overrides: dict[str, Any] | 
     if runner_kind() != "dask":  # with Dask, stages run on other machines
         check_device(cfg, params_path)
     check_sources(cfg, params_path)
+    check_nodes(cfg, dask=runner_kind() == "dask")
     all_steps = steps(cfg)
     with run_lock(cfg.out_dir) as token:
         spec = {"params_path": str(Path(params_path).resolve()), "overrides": overrides or {},

@@ -291,11 +291,42 @@ class RobustnessConfig(_Strict):
 
 
 class DistributedConfig(_Strict):
-    """Data-parallel training: `nst train-*` puts `torchrun --nproc-per-node N` in front of itself when N > 1."""
+    """Data-parallel training: `nst train-*` puts `torchrun --nproc-per-node N` in front of itself when N > 1; on
+    several nodes each node runs one torchrun agent, started by the flow on Dask or by the cluster's own launcher
+    (a PyTorchJob, `srun`: docker/pytorchjob.yaml, docker/slurm-train.sh)."""
 
     nproc_per_node: int | Literal["auto"] = Field(1, description="Processes (GPUs) per training stage; auto = the "
                                                                  "visible GPUs (1 without CUDA).")
+    nnodes: int = Field(1, ge=1, le=1024, description="Machines a training stage spans, one torchrun agent each. "
+                                                      "The fingerprint records the world size only: 2 nodes x 1 "
+                                                      "process is the same computation as 1 node x 2.")
+    rdzv_endpoint: str | None = Field(None, description="HOST:PORT of the c10d rendezvous (nnodes > 1); null = the "
+                                                        "first node's host and a free port there (the flow on Dask).")
+    rdzv_timeout_s: float = Field(300.0, gt=0, le=86400, description="How long the nodes may take to join (and the "
+                                                                     "flow to find workers for them) before the stage "
+                                                                     "fails; across nodes also how long a rank waits "
+                                                                     "for its peers at a collective (at least 60 s).")
     backend: Literal["auto", "nccl", "gloo"] = Field("auto", description="auto = nccl on CUDA, gloo on CPU.")
+
+    @field_validator("rdzv_endpoint")
+    @classmethod
+    def _endpoint(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"(\[[0-9A-Fa-f:]+\]|[A-Za-z0-9.\-]+):\d{1,5}", v):
+            raise ValueError("expected HOST:PORT")
+        return v
+
+    @property
+    def peer_timeout_s(self) -> float | None:
+        """Across nodes, how long a rank waits for its peers (see nst.distributed.setup); on one node torchrun
+        itself stops the others when one fails, and torch's default stands."""
+        return max(60.0, self.rdzv_timeout_s) if self.nnodes > 1 else None
+
+    @property
+    def world_size(self) -> int | str:
+        """Training processes in all: what decides the computation (a number, or `<nnodes>xauto`)."""
+        if isinstance(self.nproc_per_node, int):
+            return self.nnodes * self.nproc_per_node
+        return f"{self.nnodes}xauto"
 
     @field_validator("nproc_per_node")
     @classmethod

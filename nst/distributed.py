@@ -40,9 +40,11 @@ def under_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def setup(device: torch.device, backend: str = "auto") -> tuple[Dist, torch.device]:
+def setup(device: torch.device, backend: str = "auto", timeout_s: float | None = None) -> tuple[Dist, torch.device]:
     """Join the process group torchrun set up (no-op for a single process); on CUDA each rank takes its local
-    GPU. Returns (Dist, the device this rank uses)."""
+    GPU. `timeout_s`: how long a rank waits for the others (joining, and at any collective); across nodes a peer
+    that fails before it joins is otherwise waited for torch's default 30 minutes (torchrun stops only the workers
+    of its own node). Returns (Dist, the device this rank uses)."""
     if not under_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
         return Dist(), device
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
@@ -50,7 +52,11 @@ def setup(device: torch.device, backend: str = "auto") -> tuple[Dist, torch.devi
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group(backend=("nccl" if device.type == "cuda" else "gloo") if backend == "auto" else backend)
+        import datetime
+
+        kw = {"timeout": datetime.timedelta(seconds=timeout_s)} if timeout_s else {}
+        dist.init_process_group(backend=("nccl" if device.type == "cuda" else "gloo") if backend == "auto" else backend,
+                                **kw)
     return Dist(rank, world, local), device
 
 
@@ -69,3 +75,17 @@ def visible_gpus(device: str = "auto") -> int:
 def nproc(setting: int | str) -> int:
     """`distributed.nproc_per_node`: auto = the visible GPUs (1 without CUDA)."""
     return max(1, visible_gpus()) if setting == "auto" else int(setting)
+
+
+def check_world(nnodes: int, nproc_setting: int | str) -> None:
+    """Under torchrun, the launched world must be the configured one: a stage started by an outside launcher
+    (srun, a PyTorchJob) with another number of processes would train another model than its fingerprint says."""
+    if not under_torchrun():
+        return
+    from nst.errors import ConfigError
+
+    want, got = nnodes * nproc(nproc_setting), int(os.environ["WORLD_SIZE"])
+    if got != want:
+        raise ConfigError(f"torchrun started WORLD_SIZE={got} processes, but distributed.nnodes x nproc_per_node = "
+                          f"{nnodes} x {nproc(nproc_setting)} = {want}: launch {want} (or set distributed.* to the "
+                          "launch), so the fingerprint describes what trains")

@@ -103,7 +103,11 @@ def run_lock(out_dir: str | os.PathLike) -> Iterator[str]:
 def stage_lock(out_dir: str | os.PathLike) -> Iterator[None]:
     """Taken by every command that writes into out_dir: inside the pipeline run that launched it (its token
     matches the lock holder's) it proceeds; otherwise it takes the run lock itself (handing its own token to the
-    processes it starts, e.g. torchrun's ranks), or stops at once when another run holds it."""
+    processes it starts, e.g. torchrun's ranks), or stops at once when another run holds it. Under torchrun only
+    rank 0 takes it: the ranks of a stage started on several nodes by their own launcher share no token."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and os.environ["RANK"] != "0":
+        yield  # a rank other than 0 of a training stage writes nothing; rank 0 holds the lock for the stage
+        return
     token = os.environ.get(RUN_TOKEN_ENV)
     lock = _lock_path(out_dir)
     if token and lock.is_file():

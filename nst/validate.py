@@ -59,7 +59,7 @@ def check_batch_split(cfg: Config, source: str = "params.yaml") -> None:
     config error here, not a traceback from inside the ranks behind torchrun's."""
     from nst.distributed import nproc
 
-    world = nproc(cfg.distributed.nproc_per_node)
+    world = cfg.distributed.nnodes * nproc(cfg.distributed.nproc_per_node)
     if world == 1:
         return
     batches = [("teacher.batch_size", cfg.teacher.batch_size)]
@@ -71,8 +71,9 @@ def check_batch_split(cfg: Config, source: str = "params.yaml") -> None:
         batches.append(("finetune.batch_size", cfg.finetune.batch_size or cfg.train_config(base).batch_size))
     for field, b in batches:
         if b % world:
-            raise ConfigError(f"{source}: {field} = {b}: must be a multiple of distributed.nproc_per_node = "
-                              f"{cfg.distributed.nproc_per_node} ({world} training processes)")
+            raise ConfigError(f"{source}: {field} = {b}: must be a multiple of the {world} training processes "
+                              f"(distributed.nnodes x nproc_per_node = {cfg.distributed.nnodes} x "
+                              f"{cfg.distributed.nproc_per_node})")
 
 
 def check_finetune(cfg: Config, source: str = "params.yaml") -> None:

@@ -70,17 +70,49 @@ def stage_argv(stage: Stage, gen: str, params_path: str, overrides: dict | None 
             *[a for o in override_args(overrides) for a in ("-S", o)], *(extra or [])]
 
 
+def _torchrun(args: list[str], argv: list[str]) -> list[str]:
+    assert argv[1:3] == ["-m", "cli"], argv
+    return [sys.executable, "-m", "torch.distributed.run", *args, "-m", "cli", *argv[3:]]
+
+
 def torchrun_argv(n: int, argv: list[str]) -> list[str]:
     """`torchrun --standalone --nproc-per-node N -m cli ...` in front of a stage command (argv from stage_argv)."""
-    assert argv[1:3] == ["-m", "cli"], argv
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", "-m", "cli",
-            *argv[3:]]
+    return _torchrun(["--standalone", f"--nproc-per-node={n}"], argv)
+
+
+def node_argv(cfg: Config, argv: list[str], endpoint: str, rdzv_id: str) -> list[str]:
+    """One node's torchrun agent in front of a stage command: the c10d rendezvous at `endpoint` (its first node
+    hosts the store; ranks are given in the order the nodes join), no restarts (a lost node fails the stage, and a
+    re-run resumes from the checkpoint), nodes allowed `rdzv_timeout_s` to join."""
+    d = cfg.distributed
+    per_node = "gpu" if d.nproc_per_node == "auto" and d.nnodes > 1 else str(nproc(d.nproc_per_node))
+    return _torchrun([f"--nnodes={d.nnodes}", f"--nproc-per-node={per_node}", "--rdzv-backend=c10d",
+                      f"--rdzv-endpoint={endpoint}", f"--rdzv-id={rdzv_id}",
+                      f"--rdzv-conf=join_timeout={int(d.rdzv_timeout_s)}", "--max-restarts=0"], argv)
+
+
+def check_nodes(cfg: Config, stage: str = "train-teacher", dask: bool = False) -> None:
+    """A multi-node config where nothing will start the nodes' agents: one line, before any compute."""
+    if cfg.distributed.nnodes > 1 and not dask and not under_torchrun():
+        from nst.errors import ConfigError
+
+        raise ConfigError(f"distributed.nnodes = {cfg.distributed.nnodes}: a stage that spans machines runs one "
+                          f"torchrun agent per node: the flow on Dask (NST_TASK_RUNNER=dask) starts them, or your "
+                          f"cluster does (`torchrun --nnodes {cfg.distributed.nnodes} --rdzv-backend c10d "
+                          f"--rdzv-endpoint HOST:PORT -m cli {stage} ...`, docker/slurm-train.sh, "
+                          "docker/pytorchjob.yaml)")
+
+
+def multi_node(stage: Stage, cfg: Config) -> bool:
+    """A training stage that spans machines, not yet started by their agents."""
+    return stage in TRAINING and cfg.distributed.nnodes > 1 and not under_torchrun()
 
 
 def needs_torchrun(stage: Stage, cfg: Config) -> int:
     """The number of processes a stage wants when it is not already one of them (0 = run it here)."""
     if stage not in TRAINING or under_torchrun():
         return 0
+    check_nodes(cfg, stage.name)
     n = nproc(cfg.distributed.nproc_per_node)
     return n if n > 1 else 0
 
@@ -110,6 +142,7 @@ def run_direct(cfg: Config, params_path: str = "params.yaml", overrides: dict | 
     from nst.io import run_lock
     from nst.report import write_summary
 
+    check_nodes(cfg)
     with run_lock(cfg.out_dir):
         parent = tracking.start_pipeline(cfg, parent_run_id=parent_run_id, tags=tags)
         status, runs = "FAILED", {}

@@ -43,7 +43,15 @@ NO_EFFECT = ("nst/progress.py", "nst/settings.py", "nst/tracking.py", "nst/proc.
              "tasks/__init__.py")
 EVAL_KEYS = ["data.image_size", "data.transform", "data.crop_pct"]
 TRAIN_KEYS = ["seed", "data.image_size", "data.transform", "data.rrc_scale", "data.hflip", "data.crop_pct",
-              "distributed.nproc_per_node"]  # DDP keeps BatchNorm statistics per process: another model
+              "distributed.world_size"]  # DDP keeps BatchNorm statistics per process: another model
+# Values a stage reads that params.yaml does not spell out as one key: derived from the config here (DVC tracks
+# their spelled-out parent, `distributed`: coarser, never wrong).
+DERIVED = {"distributed.world_size": lambda cfg: cfg.distributed.world_size}
+DERIVED_FROM = {"distributed.world_size": ["distributed.nnodes", "distributed.nproc_per_node"]}  # for DVC
+
+
+def param_value(cfg: Config, dump: dict, key: str) -> Any:
+    return DERIVED[key](cfg) if key in DERIVED else value_at(dump, key)
 
 Paths = Callable[[Config, str], list[Path]]
 Keys = Callable[[Config, str], list[str]]
@@ -53,9 +61,11 @@ def _none(cfg: Config, gen: str) -> list:
     return []
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Stage:
-    """One stage, declared once. `gen` is "" for project-wide stages, else the model generation (g0, g1, ...)."""
+    """One stage, declared once. `gen` is "" for project-wide stages, else the model generation (g0, g1, ...).
+    A stage is its name: on a Dask worker the declarations may arrive as copies (cloudpickle copies the lambdas),
+    and `stage in TRAINING` must still hold there."""
 
     name: str                                   # CLI subcommand, DVC stage name prefix, Prefect task name
     fn: Callable[..., dict]                     # the stage's logic: fn(cfg, gen) -> JSON-able result
@@ -70,6 +80,12 @@ class Stage:
     plots: Paths = _none                        # DVC plots
     stamp: Callable[[Config, str], Path] | None = None  # default: <folder of the first output>/config.json
     exclude_from_shards: tuple[str, ...] = field(default=())  # params that do not change per-shard work
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Stage) and other.name == self.name
+
+    def __hash__(self) -> int:
+        return hash(self.name)
 
     def stamp_path(self, cfg: Config, gen: str) -> Path:
         if self.stamp is not None:
@@ -153,7 +169,7 @@ def fingerprint(stage: Stage, cfg: Config, gen: str, *, exclude: tuple[str, ...]
     for key in stage.params(cfg, gen):
         if key.startswith(exclude) and exclude:
             continue
-        h.update(f"{key}={json.dumps(value_at(dump, key), sort_keys=True)}\n".encode())
+        h.update(f"{key}={json.dumps(param_value(cfg, dump, key), sort_keys=True)}\n".encode())
     for p in stage.deps(cfg, gen):
         h.update(f"{_dep_name(cfg, p)}:{path_digest(p, cfg)}\n".encode())
     h.update(code_version(stage.code).encode())
@@ -188,7 +204,7 @@ def write_stamp(stage: Stage, cfg: Config, gen: str, fp: str, result: dict | Non
 
     dump = portable_dump(cfg)
     body = {"stage": stage.name, "generation": gen or None, "fingerprint": fp, "config_hash": config_hash(cfg),
-            "params": {k: value_at(dump, k) for k in stage.params(cfg, gen)}, "config": dump,
+            "params": {k: param_value(cfg, dump, k) for k in stage.params(cfg, gen)}, "config": dump,
             "outs": [_dep_name(cfg, p) for p in stage.outs(cfg, gen)], "result": result or {}}
     return atomic_write_json(stage.stamp_path(cfg, gen), body)
 
@@ -237,7 +253,7 @@ def _dvc_params(keys: list[str], raw: dict) -> list[str]:
     """DVC can only track keys that params.yaml spells out: a key left to its default is tracked through its
     nearest spelled-out parent (coarser, never wrong); one with no spelled-out parent is the code's default."""
     out: list[str] = []
-    for key in keys:
+    for key in [k for key in keys for k in DERIVED_FROM.get(key, [key])]:
         parts = key.split(".")
         while parts:
             try:

@@ -379,3 +379,36 @@ class FaultProxy:
         self.server.shutdown()
         self.server.server_close()
         self.thread.join(timeout=10)
+
+
+class DaskCluster:
+    """`dask scheduler` and `dask worker` (`nworkers` worker processes) on 127.0.0.1, stopped by PID."""
+
+    def __init__(self, tmp: Path, env: dict[str, str], nworkers: int = 2):
+        bin_ = Path(sys.executable).parent
+        self.port = free_port()
+        self.address = f"tcp://127.0.0.1:{self.port}"
+        self.procs = [subprocess.Popen([str(bin_ / "dask"), "scheduler", "--host", "127.0.0.1", "--port",
+                                        str(self.port), "--no-dashboard"], cwd=tmp, stdout=open(tmp / "sched.log", "wb"),
+                                       stderr=subprocess.STDOUT, start_new_session=True)]
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, (tmp / "sched.log").read_text()
+                time.sleep(0.2)
+        self.procs.append(subprocess.Popen([str(bin_ / "dask"), "worker", self.address, "--nworkers", str(nworkers),
+                                            "--nthreads", "1", "--no-dashboard", "--memory-limit", "0"], cwd=tmp,
+                                           stdout=open(tmp / "workers.log", "wb"), stderr=subprocess.STDOUT,
+                                           start_new_session=True, env=env))
+        from distributed import Client
+
+        with Client(self.address, timeout=60) as c:
+            c.wait_for_workers(nworkers, timeout=90)
+            self.worker_pids = set(c.run(os.getpid).values())
+
+    def stop(self) -> None:
+        for p in reversed(self.procs):
+            stop_group(p, 15)

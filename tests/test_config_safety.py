@@ -216,8 +216,11 @@ def test_a_bad_environment_setting_is_one_line_before_any_work(tiny_project, cap
 def test_a_batch_ddp_cannot_split_is_a_config_error(tiny_project):
     with pytest.raises(ConfigError) as e:
         load_config(tiny_project, ["distributed.nproc_per_node=3"])
-    assert str(e.value) == (f"{tiny_project}: teacher.batch_size = 16: must be a multiple of "
-                            "distributed.nproc_per_node = 3 (3 training processes)")
+    assert str(e.value) == (f"{tiny_project}: teacher.batch_size = 16: must be a multiple of the 3 training "
+                            "processes (distributed.nnodes x nproc_per_node = 1 x 3)")
+    with pytest.raises(ConfigError, match=r"multiple of the 3 training processes \(distributed.nnodes x "
+                                          r"nproc_per_node = 3 x 1\)"):
+        load_config(tiny_project, ["distributed.nnodes=3"])
     with pytest.raises(ConfigError, match=r"generations\[0\].student.batch_size x ratio = 34"):
         load_config(tiny_project, ["distributed.nproc_per_node=4", "generations.0.ratio=2.1"])
     assert load_config(tiny_project, ["distributed.nproc_per_node=2"]).distributed.nproc_per_node == 2

@@ -437,7 +437,7 @@ def test_docker_gpu_deployment_joins_the_compose_network(compose, deployments):
 # engine, so what can be checked without one is checked here on every run.
 
 
-@pytest.mark.parametrize("script", ["check.sh", "local-base.sh"])
+@pytest.mark.parametrize("script", ["check.sh", "local-base.sh", "slurm-train.sh"])
 def test_container_scripts_parse(script):
     path = COMPOSE.parent / script
     proc = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
@@ -464,3 +464,47 @@ def test_the_s3_stand_in_is_not_in_the_project_image(compose):
     for name, svc in services.items():
         if svc.get("build") and svc["build"].get("target") is None:
             assert not (svc["build"].get("args") or {}).get("EXTRAS"), f"{name} builds the image with extras"
+
+
+# ---- training across nodes: the launchers our users already run ---------------------------------------------------
+
+def _stage_command(args: list[str]) -> list[str]:
+    """What follows `-m cli` in a launch line: a stage of ours, with its generation."""
+    from tasks.pipeline import STAGES
+
+    rest = args[args.index("cli") + 1:]
+    assert rest[0] in STAGES, rest
+    return rest
+
+
+def test_pytorchjob_starts_one_torchrun_agent_per_node_running_a_stage():
+    docs = list(yaml.safe_load_all((ROOT / "docker" / "pytorchjob.yaml").read_text()))
+    assert len(docs) == 1
+    job = docs[0]
+    assert (job["apiVersion"], job["kind"]) == ("kubeflow.org/v1", "PyTorchJob")
+    assert job["spec"]["runPolicy"]["backoffLimit"] == 0 and job["spec"]["runPolicy"]["cleanPodPolicy"] == "Running"
+    specs = job["spec"]["pytorchReplicaSpecs"]
+    assert set(specs) == {"Master", "Worker"} and specs["Master"]["replicas"] == 1
+    gpus = int(job["spec"]["nprocPerNode"])
+    for role in specs.values():
+        assert role["restartPolicy"] == "Never"
+        pod = role["template"]["spec"]
+        (c,) = pod["containers"]
+        assert c["name"] == "pytorch"  # the operator's convention
+        assert c["command"] == ["python", "-m", "torch.distributed.run"]
+        assert "--rdzv-backend=c10d" in c["args"] and _stage_command(c["args"])[:2] == ["train-student", "g1"]
+        assert c["resources"]["limits"]["nvidia.com/gpu"] == gpus
+        mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+        claims = {v["name"]: v.get("persistentVolumeClaim") for v in pod["volumes"]}
+        assert mounts["work"] == c["workingDir"] and claims["work"]["claimName"]  # out_dir on shared storage
+    assert not re.search(r"(?i)(secret_access_key|password)\s*[:=]", (ROOT / "docker" / "pytorchjob.yaml").read_text())
+
+
+def test_slurm_script_runs_one_agent_per_node_with_a_c10d_rendezvous():
+    text = (ROOT / "docker" / "slurm-train.sh").read_text()
+    assert re.search(r"^#SBATCH --nodes=\d+$", text, re.M) and re.search(r"^#SBATCH --ntasks-per-node=1$", text, re.M)
+    launch = text[text.index("srun "):].replace("\\\n", " ").split()
+    assert "--kill-on-bad-exit=1" in launch  # one agent failing stops the others
+    assert launch[launch.index("-m") + 1] == "torch.distributed.run"
+    assert {"--rdzv-backend", "c10d", "--nnodes", '"$SLURM_JOB_NUM_NODES"'} <= set(launch)
+    assert launch[launch.index("cli") + 1] == '"$STAGE"'

@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ import yaml
 
 from conftest import make_tiny_project
 from nst.config import load_config
-from servers import free_port, stop_group
+from servers import DaskCluster
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -101,39 +100,6 @@ def test_ddp_student_splits_both_streams_without_overlap():
 
 
 # ---- Dask: shards on other processes ----------------------------------------------------------------------------
-
-class DaskCluster:
-    """`dask scheduler` and `dask worker` (2 worker processes) on 127.0.0.1, stopped by PID."""
-
-    def __init__(self, tmp: Path, env: dict[str, str]):
-        bin_ = Path(sys.executable).parent
-        self.port = free_port()
-        self.address = f"tcp://127.0.0.1:{self.port}"
-        self.procs = [subprocess.Popen([str(bin_ / "dask"), "scheduler", "--host", "127.0.0.1", "--port",
-                                        str(self.port), "--no-dashboard"], cwd=tmp, stdout=open(tmp / "sched.log", "wb"),
-                                       stderr=subprocess.STDOUT, start_new_session=True)]
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, (tmp / "sched.log").read_text()
-                time.sleep(0.2)
-        self.procs.append(subprocess.Popen([str(bin_ / "dask"), "worker", self.address, "--nworkers", "2",
-                                            "--nthreads", "1", "--no-dashboard", "--memory-limit", "0"], cwd=tmp,
-                                           stdout=open(tmp / "workers.log", "wb"), stderr=subprocess.STDOUT,
-                                           start_new_session=True, env=env))
-        from distributed import Client
-
-        with Client(self.address, timeout=60) as c:
-            c.wait_for_workers(2, timeout=90)
-            self.worker_pids = set(c.run(os.getpid).values())
-
-    def stop(self) -> None:
-        for p in reversed(self.procs):
-            stop_group(p, 15)
-
 
 @pytest.mark.slow
 def test_the_flow_sends_a_generations_tasks_to_a_dask_cluster(prefect_server, tmp_path):
