@@ -181,14 +181,19 @@ def source_classes(src: str | os.PathLike, client=None) -> list[str] | None:
 
 # ---- indexing (prepare) ----------------------------------------------------------------------------------------
 
-@dataclass
-class Member:
-    key: str
-    name: str            # the image member's name in the tar
-    offset: int          # of its data in the tar
-    size: int
-    label: str | None    # a class index (.cls) or name (sidecar) as text; None = unlabeled
-    check: object        # nst.scan.FileCheck of its bytes
+INDEX_SCHEMA = None  # built on first use (pyarrow is imported lazily here)
+
+
+def _index_schema():
+    import pyarrow as pa
+
+    global INDEX_SCHEMA
+    if INDEX_SCHEMA is None:
+        INDEX_SCHEMA = pa.schema([("key", pa.string()), ("name", pa.string()), ("offset", pa.int64()),
+                                  ("size", pa.int64()), ("digest", pa.binary(16)), ("width", pa.int32()),
+                                  ("height", pa.int32()), ("mode", pa.string()), ("error", pa.string()),
+                                  ("label", pa.string())])
+    return INDEX_SCHEMA
 
 
 def _open_stream(shard: Shard, client):
@@ -220,9 +225,13 @@ def _members(shard: Shard, client, verify: str, max_pixels: int | None) -> Itera
         stream.close()
 
 
-def index_shard(shard: Shard, verify: str, max_pixels: int | None, endpoint: str | None = None) -> list[Member]:
-    """Every sample of one shard with its checked bytes' digest: one sequential read of the shard. A dropped
-    connection re-reads the shard (a few times), then fails naming it; a truncated tar names it too."""
+def index_shard(shard: Shard, verify: str, max_pixels: int | None, endpoint: str | None = None):
+    """Every sample of one shard as one Arrow table (key, image member, offset, size, digest, header facts, the
+    check's error, the `.cls` label): one sequential read of the shard, columns instead of an object per sample,
+    so a million samples cost about what the manifest does. A dropped connection re-reads the shard (a few
+    times), then fails naming it; a truncated tar names it too."""
+    import pyarrow as pa
+
     from nst.scan import IMAGE_EXTS, check_bytes
 
     client = None
@@ -232,23 +241,27 @@ def index_shard(shard: Shard, verify: str, max_pixels: int | None, endpoint: str
         client = make_client(endpoint)
     for attempt in range(_STREAM_ATTEMPTS):
         try:
-            images: dict[str, Member] = {}
+            cols: dict[str, list] = {f: [] for f in _index_schema().names}
+            seen: dict[str, int] = {}
             labels: dict[str, str] = {}
             end = 0
             for key, ext, name, offset, size, data in _members(shard, client, verify, max_pixels):
                 end = offset + -(-size // 512) * 512
-                if "." + ext.rsplit(".", 1)[-1] in IMAGE_EXTS and key not in images:
-                    images[key] = Member(key, name, offset, size, None,
-                                         check_bytes(f"{shard.url}{SEP}{name}", data, max_pixels=max_pixels,
-                                                     verify=verify))
+                if "." + ext.rsplit(".", 1)[-1] in IMAGE_EXTS and key not in seen:
+                    ck = check_bytes(name, data, max_pixels=max_pixels, verify=verify)
+                    seen[key] = len(seen)
+                    for f, v in (("key", key), ("name", name), ("offset", offset), ("size", size),
+                                 ("digest", bytes.fromhex(ck.digest)), ("width", ck.width), ("height", ck.height),
+                                 ("mode", ck.mode), ("error", ck.error), ("label", None)):
+                        cols[f].append(v)
                 elif ext == "cls":
                     labels[key] = data.decode("utf-8", "replace").strip()
             if end + 1024 > shard.size:  # tarfile reads a cut at a block boundary as the end of the archive
                 raise tarfile.ReadError(f"no end-of-archive marker after byte {end} of {shard.size}")
             for key, lab in labels.items():
-                if key in images:
-                    images[key].label = lab
-            return list(images.values())
+                if key in seen:
+                    cols["label"][seen[key]] = lab
+            return pa.table(cols, schema=_index_schema())
         except tarfile.ReadError as e:
             raise DataError(f"{shard.url}: truncated or not a tar shard ({e}); re-pack or replace it") from None
         except Exception as e:  # noqa: BLE001 - S3 and connection failures: retried, then named

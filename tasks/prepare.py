@@ -37,15 +37,11 @@ def _check(items: list[Item], cfg: Config, split: str, cache) -> list:
 
 
 def build_manifest(items: list[Item], checks: list, classes: list[str], source: Path, *, split: str,
-                   max_bad_fraction: float, root: Path, locs: list[tuple[int, int]] | None = None,
-                   bad: list[dict] | None = None) -> tuple[pa.Table, list[dict]]:
-    """`locs`: (offset, size) of each item in its shard (a shard source); `bad`: samples already found unusable."""
+                   max_bad_fraction: float, root: Path) -> tuple[pa.Table, list[dict]]:
     index = {c: i for i, c in enumerate(classes)}
     labeled = split != "unlabeled"
-    paths, labels, digests, widths, heights, offsets, sizes = [], [], [], [], [], [], []
-    bad = list(bad or [])
-    n_all = len(items) + len(bad)
-    for k, (it, ck) in enumerate(zip(items, checks)):
+    paths, labels, digests, widths, heights, bad = [], [], [], [], [], []
+    for it, ck in zip(items, checks):
         if it.label_name is not None and it.label_name not in index and labeled:
             raise DataError(f"{source}: {it.path}: label {it.label_name!r} is not one of the classes {classes}")
         if ck.error is not None:
@@ -53,57 +49,48 @@ def build_manifest(items: list[Item], checks: list, classes: list[str], source: 
             continue
         if labeled and it.label_name is None:
             raise DataError(f"{source}: {it.path}: labeled image without a label")
-        if locs is not None:
-            offsets.append(locs[k][0])
-            sizes.append(locs[k][1])
         paths.append(relpath(it.path, root))
         labels.append(index.get(it.label_name, -1) if it.label_name is not None else -1)
         digests.append(bytes.fromhex(ck.digest[:32]))
         widths.append(ck.width)
         heights.append(ck.height)
-    if not n_all:
+    if not items:
         raise DataError(f"{source}: data.{split} has no images (an empty folder or a manifest without rows)")
-    if len(bad) / n_all > max_bad_fraction:
-        raise DataError(f"{source}: {len(bad)} of {n_all} images unreadable (> data.max_bad_fraction = "
+    if len(bad) / len(items) > max_bad_fraction:
+        raise DataError(f"{source}: {len(bad)} of {len(items)} images unreadable (> data.max_bad_fraction = "
                         f"{max_bad_fraction}); first: {bad[0]['path']}: {bad[0]['error']}")
-    cols = {"path": paths, "label": pa.array(labels, pa.int32()), "digest": pa.array(digests, pa.binary(16)),
-            "width": pa.array(widths, pa.int32()), "height": pa.array(heights, pa.int32())}
-    if locs is None:
-        return pa.table(cols, schema=MANIFEST_SCHEMA), bad
-    cols |= {"offset": pa.array(offsets, pa.int64()), "size": pa.array(sizes, pa.int64())}
-    return pa.table(cols, schema=SHARD_MANIFEST_SCHEMA), bad
-
-
-class _Read:
-    """A source as prepare reads it: items and their checks (and, for shards, where each lies and which shards)."""
-
-    def __init__(self, cfg: Config, split: str, src, cache):
-        from nst.shards import is_shard_source
-
-        self.locs = self.shards = self.pre_bad = None
-        if is_shard_source(src):
-            self.items, self.checks, self.locs, self.shards, self.pre_bad = read_shard_source(cfg, split, src)
-        else:
-            self.items = scan_source(src, f"data.{split}")
-            self.checks = _check(self.items, cfg, split, cache)
+    table = pa.table({"path": paths, "label": pa.array(labels, pa.int32()), "digest": pa.array(digests, pa.binary(16)),
+                      "width": pa.array(widths, pa.int32()), "height": pa.array(heights, pa.int32())},
+                     schema=MANIFEST_SCHEMA)
+    return table, bad
 
 
 def prepare(cfg: Config, gen: str = "", fingerprint: str = "") -> dict:
     from nst.scan import HashCache
+    from nst.shards import is_shard_source
+
     out = cfg.data_dir
     counts, bad_all, converted, shards = {}, {}, {}, {}
+    indexed: dict[str, tuple] = {}
+    if is_shard_source(cfg.data.labeled):
+        indexed["labeled"] = index_split(cfg, "labeled", cfg.data.labeled)
+        classes = cfg.data.classes or _shard_classes(cfg, indexed["labeled"][0])
+    else:
+        labeled_items = scan_source(cfg.data.labeled, "data.labeled")
+        classes = cfg.data.classes or infer_classes(labeled_items, cfg.data.labeled)
     with HashCache.for_out_dir(cfg.out_dir) as cache:
-        labeled = _Read(cfg, "labeled", cfg.data.labeled, cache)
-        classes = cfg.data.classes or _shard_classes(cfg, labeled) or infer_classes(labeled.items, cfg.data.labeled)
         for split, src in _splits(cfg):
-            r = labeled if split == "labeled" else _Read(cfg, split, src, cache)
-            items, checks = r.items, r.checks
-            if r.locs is not None:
-                items = _named(items, classes, src, split)
-                shards[split] = r.shards
-            table, bad = build_manifest(items, checks, classes, src, split=split,
-                                        max_bad_fraction=cfg.data.max_bad_fraction, root=cfg.root, locs=r.locs,
-                                        bad=r.pre_bad)
+            if is_shard_source(src):
+                raw, pre_bad, shards[split] = indexed.pop(split, None) or index_split(cfg, split, src)
+                table, bad, modes = shard_manifest(raw, pre_bad, classes, src, split=split,
+                                                   max_bad_fraction=cfg.data.max_bad_fraction)
+                del raw
+            else:
+                items = labeled_items if split == "labeled" else scan_source(src, f"data.{split}")
+                checks = _check(items, cfg, split, cache)
+                table, bad = build_manifest(items, checks, classes, src, split=split,
+                                            max_bad_fraction=cfg.data.max_bad_fraction, root=cfg.root)
+                modes = _converted(checks)
             if split == "unlabeled" and cfg.data.unlabeled_truth is not None:
                 table = _attach_truth(table, cfg.data.unlabeled_truth, classes, cfg.root)
             with atomic_path(out / f"{split}.parquet") as tmp:
@@ -111,7 +98,7 @@ def prepare(cfg: Config, gen: str = "", fingerprint: str = "") -> dict:
             counts[split], bad_all[split] = table.num_rows, bad
             if bad:
                 log.warning("%s: skipped %d unreadable images (listed in bad_images.json)", src, len(bad))
-            if modes := _converted(checks):
+            if modes:
                 converted[split] = modes
                 log.info("%s: %d images are decoded with conversion to 8-bit RGB (%s)", src, sum(modes.values()),
                          ", ".join(f"{m}: {n}" for m, n in modes.items()))
@@ -123,83 +110,123 @@ def prepare(cfg: Config, gen: str = "", fingerprint: str = "") -> dict:
             "metrics": {f"n_{k}": v for k, v in counts.items()} | {"n_bad": n_bad, "n_converted": n_converted}}
 
 
-def read_shard_source(cfg: Config, split: str, src) -> tuple:
-    """Every shard of a source streamed once, in parallel over shards: its samples (labels as the shard gives them:
-    a class index from `.cls`, or the sidecar's label), their checks, (offset, size) in the shard, the shard list
-    prepare records (with S3 ETags) and the samples its sidecar and tar disagree on (named, counted as bad)."""
-    from concurrent.futures import ProcessPoolExecutor
+# ---- shard sources ----------------------------------------------------------------------------------------------
+
+def index_split(cfg: Config, split: str, src) -> tuple[pa.Table, list[dict], list[dict]]:
+    """Every shard of a source streamed once, in parallel over shards (nst.shards.index_shard), into one Arrow
+    table: path = <shard>#<member>, the label as the shard gives it (a class index from `.cls`, or the sidecar's
+    label), the check's facts. Also the samples a sidecar and its tar disagree on (named, counted as bad) and the
+    shard list prepare records (with S3 ETags). Columns throughout: a million samples cost about their manifest."""
     import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
 
     from nst.settings import s3_endpoint
-    from nst.shards import SEP, index_shard, list_shards, sidecar
+    from nst.shards import index_shard, list_shards
 
-    what = f"data.{split}"
-    listed = list_shards(src, what)
-    items, checks, locs, bad = [], [], [], []
+    listed = list_shards(src, f"data.{split}")
+    tables, bad = [], []
     workers = min(cfg.data.scan_workers, len(listed))
+    args = (cfg.data.verify, cfg.data.max_image_pixels, s3_endpoint())
     with Progress(f"prepare/{split}", total=len(listed), unit="shards", logger=log) as bar:
         if workers > 1:
             with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver")) as ex:
-                futs = [ex.submit(index_shard, sh, cfg.data.verify, cfg.data.max_image_pixels, s3_endpoint())
-                        for sh in listed]
-                results = []
-                for f in futs:
-                    results.append(f.result())
+                for sh, t in zip(listed, ex.map(index_shard, listed, *[[a] * len(listed) for a in args])):
+                    tables.append(_with_sidecar(cfg, sh, t, bad))
                     bar.advance(1)
         else:
-            results = []
             for sh in listed:
-                results.append(index_shard(sh, cfg.data.verify, cfg.data.max_image_pixels, s3_endpoint()))
+                tables.append(_with_sidecar(cfg, sh, index_shard(sh, *args), bad))
                 bar.advance(1)
-    for sh, members in zip(listed, results):
-        side = sidecar(sh)
-        name = sh.url if sh.url.startswith("s3://") else relpath(sh.url, cfg.root)
-        if side is not None:
-            in_tar = {m.key for m in members}
-            for key in sorted(set(side) - in_tar):
-                bad.append({"path": f"{name}{SEP}{key}", "error": "listed in the sidecar, not in the tar"})
-        for m in members:
-            if side is not None:
-                if m.key not in side:
-                    bad.append({"path": f"{name}{SEP}{m.name}", "error": "in the tar, not in the sidecar"})
-                    continue
-                if m.label is None:
-                    m.label = side[m.key]
-            items.append(Item(f"{sh.url}{SEP}{m.name}", m.label))  # made relative with the rest by build_manifest
-            checks.append(m.check)
-            locs.append((m.offset, m.size))
     if bad:
         log.warning("%s: %d samples where a sidecar and its tar disagree (listed in bad_images.json)", src, len(bad))
-    record = [{"url": sh.url if sh.url.startswith("s3://") else relpath(sh.url, cfg.root), "size": sh.size,
-               "etag": sh.etag} for sh in listed]
-    return items, checks, locs, record, bad
+    record = [{"url": _shard_name(cfg, sh.url), "size": sh.size, "etag": sh.etag} for sh in listed]
+    return pa.concat_tables(tables), bad, record
 
 
-def _shard_classes(cfg: Config, labeled: "_Read") -> list[str] | None:
+def _shard_name(cfg: Config, url: str) -> str:
+    return url if url.startswith("s3://") else relpath(url, cfg.root)
+
+
+def _with_sidecar(cfg: Config, sh, t: pa.Table, bad: list[dict]) -> pa.Table:
+    """One shard's samples as manifest rows to be: addressed <shard>#<member>; with a sidecar, only the keys it
+    lists as downloaded (the rest named in `bad`), its labels where the tar has no `.cls`."""
+    import pyarrow.compute as pc
+
+    from nst.shards import SEP, sidecar
+
+    name = _shard_name(cfg, sh.url)
+    side = sidecar(sh)
+    if side is not None:
+        keys = t.column("key")
+        listed = pc.is_in(keys, value_set=pa.array(list(side), pa.string()))
+        bad += [{"path": f"{name}{SEP}{m}", "error": "in the tar, not in the sidecar"}
+                for m in t.filter(pc.invert(listed)).column("name").to_pylist()]
+        bad += [{"path": f"{name}{SEP}{k}", "error": "listed in the sidecar, not in the tar"}
+                for k in sorted(set(side) - set(keys.to_pylist()))]
+        t = t.filter(listed)
+        side_labels = pa.array([side[k] for k in t.column("key").to_pylist()], pa.string())
+        t = t.set_column(t.schema.get_field_index("label"), "label", pc.coalesce(t.column("label"), side_labels))
+    paths = pa.array([f"{name}{SEP}{m}" for m in t.column("name").to_pylist()], pa.string())
+    return t.append_column("path", paths).drop_columns(["key", "name"])
+
+
+def _shard_classes(cfg: Config, raw: pa.Table) -> list[str]:
+    """Class names of a shard source: classes.json beside it, else its label names (class indexes need names)."""
+    import pyarrow.compute as pc
+
     from nst.shards import source_classes
 
-    if labeled.locs is None:
-        return None
     names = source_classes(cfg.data.labeled)
-    if names is None and any(it.label_name is not None and it.label_name.isdigit() for it in labeled.items):
+    if names is not None:
+        return names
+    labels = pc.unique(raw.column("label").drop_null()).to_pylist()
+    if any(lab.isdigit() for lab in labels):
         raise DataError(f"{cfg.data.labeled}: labels are class indexes (.cls members): name the classes in "
                         "data.classes or a classes.json beside the shards")
-    return names
+    return infer_classes([Item("", lab) for lab in labels], cfg.data.labeled)
 
 
-def _named(items: list[Item], classes: list[str], src, split: str) -> list[Item]:
-    """Shard labels as class names: a `.cls` member holds the class index (WebDataset's convention)."""
-    out = []
-    for it in items:
-        lab = it.label_name
-        if lab is not None and lab.lstrip("-").isdigit() and lab not in classes:
-            k = int(lab)
-            if not 0 <= k < len(classes):
-                raise DataError(f"{src}: {it.path}: class index {k} out of range for {len(classes)} classes "
-                                f"(data.classes or classes.json beside the shards)")
-            lab = classes[k]
-        out.append(Item(it.path, lab))
-    return out
+def shard_manifest(raw: pa.Table, pre_bad: list[dict], classes: list[str], source, *, split: str,
+                   max_bad_fraction: float) -> tuple[pa.Table, list[dict], dict[str, int]]:
+    """The manifest of a shard source, by the rules build_manifest applies to files, on columns: unusable samples
+    skipped and listed (within max_bad_fraction), labels as class indexes, every labeled sample labeled."""
+    import pyarrow.compute as pc
+
+    n_all = raw.num_rows + len(pre_bad)
+    if not n_all:
+        raise DataError(f"{source}: data.{split} has no images (shards without image members)")
+    ok = pc.is_null(raw.column("error"))
+    bad = pre_bad + raw.filter(pc.invert(ok)).select(["path", "error"]).to_pylist()
+    if len(bad) / n_all > max_bad_fraction:
+        raise DataError(f"{source}: {len(bad)} of {n_all} images unreadable (> data.max_bad_fraction = "
+                        f"{max_bad_fraction}); first: {bad[0]['path']}: {bad[0]['error']}")
+    t = raw.filter(ok)
+    text = t.column("label")
+    named = pc.index_in(text, value_set=pa.array(classes, pa.string()))
+    digits = pc.fill_null(pc.match_substring_regex(text, r"^[0-9]+$"), False)
+    index = pc.coalesce(named, pc.cast(pc.if_else(digits, text, pa.scalar(None, pa.string())), pa.int32()))
+    labeled = split != "unlabeled"
+
+    def first(mask) -> str:
+        return t.filter(mask).column("path")[0].as_py()
+
+    if labeled and pc.any(pc.is_null(text)).as_py():
+        raise DataError(f"{source}: {first(pc.is_null(text))}: labeled image without a label")
+    if pc.any(pc.greater_equal(pc.fill_null(index, 0), len(classes))).as_py():
+        row = first(pc.greater_equal(pc.fill_null(index, 0), len(classes)))
+        raise DataError(f"{source}: {row}: class index out of range for {len(classes)} classes (data.classes or "
+                        "classes.json beside the shards)")
+    unknown = pc.and_(pc.is_valid(text), pc.is_null(index))
+    if labeled and pc.any(unknown).as_py():
+        row = t.filter(unknown)
+        raise DataError(f"{source}: {row.column('path')[0].as_py()}: label {row.column('label')[0].as_py()!r} is not "
+                        f"one of the classes {classes}")
+    table = pa.table({"path": t.column("path"), "label": pc.fill_null(index, -1).cast(pa.int32()),
+                      "digest": t.column("digest"), "width": t.column("width"), "height": t.column("height"),
+                      "offset": t.column("offset"), "size": t.column("size")}, schema=SHARD_MANIFEST_SCHEMA)
+    modes = {m["values"]: m["counts"] for m in pc.value_counts(t.column("mode").drop_null()).to_pylist()
+             if converts(m["values"])}
+    return table, bad, dict(sorted(modes.items()))
 
 
 def _converted(checks: list) -> dict[str, int]:
