@@ -108,6 +108,7 @@ def _shard_params(copy: Path, sources: dict[str, str], out: str, extra: dict | N
     return sum((["-S", o] for o in over + [f"{k}={v}" for k, v in (extra or {}).items()]), [])
 
 
+@pytest.mark.slow
 def test_folder_local_shards_and_s3_shards_train_the_same_bytes(tiny_trained, s3_env, s3_bucket, tmp_path):
     """The reproducibility contract over storage: the shared folder-trained project's g0-g2 weights, again from
     local shards and from shards that exist only in a bucket, read through a cache smaller than the data."""
@@ -293,3 +294,32 @@ def test_s3_and_brace_sources_in_fingerprints_and_dvc(tmp_path, s3_env, s3_bucke
     assert fingerprint(PREPARE, cfg, "") == before
     s3_env.client().upload_file(str(tmp_path / "src" / "00000.parquet"), s3_bucket, "lab/00002.tar")  # a new shard
     assert fingerprint(PREPARE, cfg, "") != before
+
+
+def test_a_full_cache_disk_is_one_line_and_leaves_no_partial_shard(tmp_path, s3_env, s3_bucket):
+    """A real full disk: the cache on a 64 KiB tmpfs (mounting needs root, as CI has), a shard larger than that."""
+    from nst.data import open_split
+    from tasks.prepare import prepare
+
+    small = tmp_path / "small-disk"
+    small.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(small)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    try:
+        uri = _s3_shards(s3_env, s3_bucket, tmp_path, n_shards=1)
+        big = tmp_path / "src" / "00000.tar"
+        with tarfile.open(big, "a") as tf:  # the same samples plus 200 KB of padding: larger than the disk
+            ti = tarfile.TarInfo("padding.bin")
+            ti.size = 200_000
+            tf.addfile(ti, io.BytesIO(os.urandom(ti.size)))
+        s3_env.client().upload_file(str(big), s3_bucket, "lab/00000.tar")
+        cfg = _cfg(tmp_path, labeled=uri, unlabeled=uri, test=uri, cache_dir=str(small))
+        prepare(cfg)
+        with pytest.raises(DataError) as ei:
+            open_split(cfg, "test")
+        assert str(ei.value) == (f"{small}: disk full while caching s3://{s3_bucket}/lab/00000.tar; free space "
+                                 "there or lower data.cache_limit_mb")
+        assert [p.name for p in small.iterdir() if not p.name.endswith(".lock")] == []  # nothing half-written
+    finally:
+        subprocess.run(["umount", str(small)], check=False)
