@@ -103,7 +103,6 @@ def bench_dvc(n: int, tmp: Path) -> list[dict]:
 
 def _prepared(n: int, tmp: Path, moto) -> dict:
     """One image set as loose files, local shards and S3 shards, each prepared into its own out_dir."""
-    from conftest import MotoS3  # noqa: F401 - the tests' server helpers
     from nst.config import config_from_dict
     from nst.pack import pack
     from tasks.prepare import prepare

@@ -83,6 +83,10 @@ def _begin(name: str) -> None:
 _LINE = re.compile(r"^\d\d:\d\d:\d\d (DEBUG|INFO|WARNING|ERROR|CRITICAL) (\S+): (.*)$")
 
 
+def _failed(name: str, e: ChildFailed) -> StageFailed:
+    return StageFailed(f"{name}: {e.last_error.removeprefix('error: ')}")
+
+
 def _child_env(spec: dict[str, Any], env: dict[str, str] | None) -> dict[str, str]:
     # The run's lock token travels in the spec: on a Dask worker the flow's environment is not ours to inherit.
     token = {"NST_RUN_TOKEN": spec["run_token"]} if spec.get("run_token") else {}
@@ -103,7 +107,7 @@ def _launch(argv: list[str], name: str, spec: dict[str, Any], env: dict[str, str
     try:
         run_child(argv, on_line=on_line, env=_child_env(spec, env))
     except ChildFailed as e:
-        raise StageFailed(f"{name}: {e.last_error.removeprefix('error: ')}") from None
+        raise _failed(name, e) from None
 
 
 # ---- cache keys: the stage's fingerprint ------------------------------------------------------------------------
@@ -151,7 +155,7 @@ def command_task(spec: dict[str, Any], stage_name: str, gen: str, run_id: str | 
         try:
             launch_nodes(cfg, argv, stage.task_name(gen), _child_env(spec, env))
         except ChildFailed as e:
-            raise StageFailed(f"{stage.task_name(gen)}: {e.last_error.removeprefix('error: ')}") from None
+            raise _failed(stage.task_name(gen), e) from None
         return (read_stamp(stage, cfg, gen) or {}).get("result", {})
     if n := needs_torchrun(stage, cfg):
         argv = torchrun_argv(n, argv)

@@ -85,7 +85,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _node_agent(argv: list[str], node: int, endpoint: str, env: dict[str, str], cwd: str) -> None:
+def _node_agent(argv: list[str], node: int, endpoint: str, env: dict[str, str], cwd: str, timeout_s: float) -> None:
     """One node's torchrun agent, run by a Dask task on that node's worker; a node that cannot reach the
     rendezvous fails with one line naming the endpoint (torchrun's own report is a traceback per agent)."""
     import socket
@@ -95,7 +95,7 @@ def _node_agent(argv: list[str], node: int, endpoint: str, env: dict[str, str], 
 
     host, port = endpoint.rsplit(":", 1)
     if node > 0:  # the first node hosts the store; the others must reach it within the join timeout
-        deadline, why = time.monotonic() + float(env.get("NST_RDZV_TIMEOUT_S", "300")), ""
+        deadline, why = time.monotonic() + timeout_s, ""
         while True:
             try:
                 socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
@@ -144,9 +144,8 @@ def launch_nodes(cfg, argv: list[str], name: str, env: dict[str, str]) -> None:
             f"{info[workers[0]]['host']}:"
             f"{client.submit(_free_port, workers=[workers[0]], allow_other_workers=False, pure=False).result()}")
         rdzv_id = f"nst-{uuid.uuid4().hex[:12]}"
-        agent_env = env | {"NST_RDZV_TIMEOUT_S": str(d.rdzv_timeout_s)}
-        futures = [client.submit(_node_agent, node_argv(cfg, argv, endpoint, rdzv_id), node, endpoint, agent_env,
-                                 str(cfg.root), workers=[w], allow_other_workers=False, pure=False,
+        futures = [client.submit(_node_agent, node_argv(cfg, argv, endpoint, rdzv_id), node, endpoint, env,
+                                 str(cfg.root), d.rdzv_timeout_s, workers=[w], allow_other_workers=False, pure=False,
                                  key=f"{name.replace('/', '-')}-node{node}-{rdzv_id}")
                    for node, w in enumerate(workers)]
         errors = []

@@ -696,7 +696,7 @@ def _format_errors(source: str, err: ValidationError) -> str:
 def _resolve_paths(cfg: Config, base: Path, source: str) -> Config:
     def fix(p: Path | str | None) -> Path | str | None:
         if p is None or isinstance(p, str):  # None, or an s3:// source
-            return None if p is None else p
+            return p
         return p if p.is_absolute() else (base / p).resolve()
 
     cfg._root = base.resolve()

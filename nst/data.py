@@ -13,6 +13,7 @@ not on DataLoader workers, not on other threads drawing from Python's global `ra
 from __future__ import annotations
 
 import functools
+import hashlib
 import random
 import warnings
 from collections.abc import Callable, Sequence
@@ -31,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from nst.errors import DataError, NstError
 from nst.scan import IMAGE_EXTS  # re-exported: one list, shared with the shard reader (which has no torch)
+from nst.shards import SEP
 
 if TYPE_CHECKING:
     from nst.config import Config
@@ -156,14 +158,22 @@ class Blobs:
         self.paths, self.offsets, self.sizes, self.digests, self.reader = paths, offsets, sizes, digests, reader
 
     @classmethod
-    def from_manifest(cls, table: pa.Table, cfg: Config, rows: Sequence[int] | None = None) -> "Blobs":
+    def from_manifest(cls, table: pa.Table, cfg: Config, rows: Sequence[int] | None = None, reader=None) -> "Blobs":
+        """`reader`: one shard_reader(cfg) shared by several Blobs of the same manifest (made here if not given)."""
         if rows is not None:
             table = table.take(pa.array(rows, pa.int64()))
         paths = pa.array(resolve_paths(table.column("path").to_pylist(), cfg.root), pa.string())
         if "offset" not in table.column_names:
             return cls(paths)
         return cls(paths, table.column("offset").to_numpy(), table.column("size").to_numpy(),
-                   table.column("digest").combine_chunks(), shard_reader(cfg))
+                   table.column("digest").combine_chunks(), reader or shard_reader(cfg))
+
+    @classmethod
+    def of(cls, paths: Sequence[str] | pa.Array | "Blobs") -> "Blobs":
+        """Loose files by path (as given), or Blobs as they are."""
+        if isinstance(paths, Blobs):
+            return paths
+        return cls(paths if isinstance(paths, pa.Array) else pa.array(list(paths), pa.string()))
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -171,16 +181,17 @@ class Blobs:
     def name(self, row: int) -> str:
         return self.paths[row].as_py()
 
-    def shard(self, row: int) -> str | None:
-        return None if self.offsets is None else self.name(row).rsplit("#", 1)[0]
+    def shards(self) -> list[str]:
+        """The shards these rows lie in, in order (none for loose files)."""
+        if self.offsets is None:
+            return []
+        return list(dict.fromkeys(p.rsplit(SEP, 1)[0] for p in self.paths.to_pylist()))
 
     def read(self, row: int) -> bytes:
         path = self.name(row)
         if self.offsets is None:
             return read_bytes(path)
-        import hashlib
-
-        data = self.reader.read(path.rsplit("#", 1)[0], int(self.offsets[row]), int(self.sizes[row]))
+        data = self.reader.read(path.rsplit(SEP, 1)[0], int(self.offsets[row]), int(self.sizes[row]))
         if hashlib.sha256(data).digest()[:16] != self.digests[row].as_py():
             raise DataError(f"{path}: bytes differ from those `nst prepare` recorded: the shard changed since; "
                             "run `nst prepare` again")
@@ -434,9 +445,7 @@ class ImageDataset(Dataset):
     def __init__(self, paths: Sequence[str] | pa.Array | Blobs, image_size: int, *, kind: str = "pad_crop",
                  crop_pct: float = 0.875, transform: Callable | None = None, max_pixels: int = 89_478_485,
                  cache_mb: int = 0, rows: np.ndarray | None = None):
-        if not isinstance(paths, Blobs):
-            paths = Blobs(paths if isinstance(paths, pa.Array) else pa.array(list(paths), pa.string()))
-        self.blobs = paths
+        self.blobs = paths = Blobs.of(paths)
         self.paths = paths.paths
         self.rows = rows  # index -> row of `paths` (e.g. the balanced set's duplicated stream); None = identity
         self.image_size, self.kind, self.crop_pct = image_size, kind, crop_pct

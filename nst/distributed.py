@@ -40,11 +40,14 @@ def under_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def setup(device: torch.device, backend: str = "auto", timeout_s: float | None = None) -> tuple[Dist, torch.device]:
-    """Join the process group torchrun set up (no-op for a single process); on CUDA each rank takes its local
-    GPU. `timeout_s`: how long a rank waits for the others (joining, and at any collective); across nodes a peer
-    that fails before it joins is otherwise waited for torch's default 30 minutes (torchrun stops only the workers
-    of its own node). Returns (Dist, the device this rank uses)."""
+def setup(device: torch.device, dcfg) -> tuple[Dist, torch.device]:
+    """Join the process group torchrun set up (no-op for a single process), after checking that the launched world
+    is the configured one (`dcfg`: config.distributed); on CUDA each rank takes its local GPU. Across nodes a rank
+    waits `dcfg.peer_timeout_s` for the others (joining, and at any collective): a peer that fails before it joins
+    is otherwise waited for torch's default 30 minutes (torchrun stops only the workers of its own node). Returns
+    (Dist, the device this rank uses)."""
+    check_world(dcfg.nnodes, dcfg.nproc_per_node)
+    backend, timeout_s = dcfg.backend, dcfg.peer_timeout_s
     if not under_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
         return Dist(), device
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))

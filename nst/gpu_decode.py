@@ -14,8 +14,6 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Dataset
 
-import pyarrow as pa
-
 from nst.data import PLAIN_MODES, Blobs, Loader, decode_bytes, eval_resize, host_to_device, open_image, to_device
 
 _EXIF_ORIENTATION = 0x0112
@@ -28,7 +26,7 @@ class EncodedFiles(Dataset):
     turned from the way it is trained and evaluated)."""
 
     def __init__(self, paths: list[str] | Blobs, data_cfg):
-        self.blobs = paths if isinstance(paths, Blobs) else Blobs(pa.array(list(paths), pa.string()))
+        self.blobs = Blobs.of(paths)
         self.cfg = data_cfg
 
     def __len__(self) -> int:

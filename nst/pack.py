@@ -181,13 +181,11 @@ class _Dest:
             return False
 
     def read(self, name: str) -> bytes | None:
+        from nst.shards import read_small
+
         if self.client is None:
-            p = self.local / name
-            return p.read_bytes() if p.is_file() else None
-        try:
-            return self.client.get_object(Bucket=self.bucket, Key=self.prefix + name)["Body"].read()
-        except self.client.exceptions.NoSuchKey:
-            return None
+            return read_small(str(self.local / name))
+        return read_small(f"s3://{self.bucket}/{self.prefix}{name}", self.client)
 
     def remove(self, name: str) -> None:
         if self.client is None:

@@ -58,6 +58,11 @@ def expand_braces(pattern: str) -> list[str]:
     return [e for o in options for e in expand_braces(pattern[:m.start()] + o + pattern[m.end():])]
 
 
+def pattern_folder(pattern: str) -> str:
+    """The folder a brace pattern's shards are in: `shards/{000..127}.tar` -> shards (s3:// URIs alike)."""
+    return pattern.split("{", 1)[0].rsplit("/", 1)[0]
+
+
 def is_shard_source(src: object) -> bool:
     """An S3 URI, a brace pattern, a .tar file, or a folder with .tar files in it (and so not an ImageFolder)."""
     if src is None:
@@ -119,7 +124,7 @@ def list_shards(src: str | os.PathLike, what: str = "data source", client=None) 
 
 
 def _list_s3(uri: str, what: str, client) -> list[Shard]:
-    from nst.s3 import S3PullError, _dir_prefix, _s3_reason, parse_s3_uri
+    from nst.s3 import S3PullError, _s3_reason, list_prefix, parse_s3_uri
 
     try:
         if "{" in uri:
@@ -133,12 +138,8 @@ def _list_s3(uri: str, what: str, client) -> list[Shard]:
                 out.append(Shard(u, h["ContentLength"], h["ETag"]))
             return out
         bucket, prefix = parse_s3_uri(uri)
-        prefix = _dir_prefix(prefix)
-        out = []
-        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix, Delimiter="/"):
-            for o in page.get("Contents", []):
-                if o["Key"].endswith(SHARD_SUFFIX):
-                    out.append(Shard(f"s3://{bucket}/{o['Key']}", o["Size"], o["ETag"]))
+        out = [Shard(f"s3://{bucket}/{o.key}", o.size, o.etag) for o in list_prefix(client, bucket, prefix)
+               if o.key.endswith(SHARD_SUFFIX) and "/" not in o.rel]  # the prefix's own shards, not sub-folders'
     except DataError:
         raise
     except Exception as e:  # noqa: BLE001 - no bucket, no endpoint, no credentials: one line naming the URI
@@ -206,7 +207,7 @@ def _open_stream(shard: Shard, client):
     return client.get_object(Bucket=bucket, Key=key, **kw)["Body"]
 
 
-def _members(shard: Shard, client, verify: str, max_pixels: int | None) -> Iterator[tuple]:
+def _members(shard: Shard, client) -> Iterator[tuple]:
     """(key, ext, name, offset, size, bytes) of the shard's regular members, streamed in order (tar's `r|` mode:
     an S3 object is read once from its GET body, nothing written to disk)."""
     stream = _open_stream(shard, client)
@@ -245,7 +246,7 @@ def index_shard(shard: Shard, verify: str, max_pixels: int | None, endpoint: str
             seen: dict[str, int] = {}
             labels: dict[str, str] = {}
             end = 0
-            for key, ext, name, offset, size, data in _members(shard, client, verify, max_pixels):
+            for key, ext, name, offset, size, data in _members(shard, client):
                 end = offset + -(-size // 512) * 512
                 if "." + ext.rsplit(".", 1)[-1] in IMAGE_EXTS and key not in seen:
                     ck = check_bytes(name, data, max_pixels=max_pixels, verify=verify)
@@ -314,6 +315,9 @@ def sidecar(shard: Shard, client=None) -> dict[str, str | None] | None:
 
 # ---- reading (training, evaluation, labelling) -------------------------------------------------------------------
 
+_CACHED = re.compile(r"[0-9a-f]{24}\.tar")  # the names cache_key gives: the only files eviction ever deletes
+
+
 def cache_key(url: str) -> str:
     return hashlib.sha256(url.encode()).hexdigest()[:24] + SHARD_SUFFIX
 
@@ -362,7 +366,7 @@ class ShardCache:
     def _make_room(self, need: int, keep: str) -> None:
         files = []
         for e in os.scandir(self.folder):
-            if e.name.endswith(SHARD_SUFFIX) and e.name != keep:
+            if _CACHED.fullmatch(e.name) and e.name != keep:  # a user's own .tar in data.cache_dir is never touched
                 st = e.stat()
                 files.append((st.st_mtime_ns, st.st_size, e.path))
         used = sum(s for _, s, _ in files)

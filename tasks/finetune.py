@@ -14,7 +14,7 @@ import logging
 from nst.checkpoint import WEIGHTS, build_model, load_into, load_weights, read_meta
 from nst.config import Config
 from nst.data import open_split
-from nst.distributed import check_world, setup
+from nst.distributed import setup
 from nst.freeze import freeze
 from nst.train import Schedule, resolve_device
 from tasks.spec import MODEL_CODE, TRAIN_KEYS, Stage
@@ -36,9 +36,7 @@ def _schedule(cfg: Config, base_meta: dict) -> Schedule:
 def finetune(cfg: Config, gen: str, fingerprint: str = "") -> dict:
     base, ft = cfg.finetuned(), cfg.finetune
     tc, size = cfg.train_config(base), cfg.finetune_size()
-    check_world(cfg.distributed.nnodes, cfg.distributed.nproc_per_node)
-    dist, device = setup(resolve_device(cfg.device), cfg.distributed.backend,
-                         cfg.distributed.peer_timeout_s)
+    dist, device = setup(resolve_device(cfg.device), cfg.distributed)
     src = cfg.model_dir(base)
     meta = read_meta(src)
     model = build_model(meta["model"], meta["num_classes"], tc.noise.dropout, tc.noise.drop_path)

@@ -19,7 +19,7 @@ import torch
 
 from nst.checkpoint import WEIGHTS, load_model
 from nst.config import Config
-from nst.data import Blobs, dataset_for, read_classes, read_manifest
+from nst.data import Blobs, dataset_for, read_classes, read_manifest, shard_reader
 from nst.errors import StageError
 from nst.io import atomic_write_json
 from nst.labels import plan_shards, read_shard_metadata, write_label_shard
@@ -76,14 +76,19 @@ def label_shards(cfg: Config, gen: str, shards: list[int]) -> list[dict]:
     manifest = read_manifest(cfg.data_dir / "unlabeled.parquet")
     with Progress(f"{gen}/label", total=sum(min(pl.shard_size, manifest.num_rows - s * pl.shard_size) for s in todo),
                   unit="img", logger=log) as bar:
-        blobs = {s: Blobs.from_manifest(manifest.slice(s * pl.shard_size, pl.shard_size), cfg) for s in todo}
+        reader = shard_reader(cfg) if "offset" in manifest.column_names else None
+
+        def rows(s: int) -> Blobs:
+            return Blobs.from_manifest(manifest.slice(s * pl.shard_size, pl.shard_size), cfg, reader=reader)
+
+        blobs = rows(todo[0])
         for i, s in enumerate(todo):
             lo, hi = s * pl.shard_size, min((s + 1) * pl.shard_size, manifest.num_rows)
-            if i + 1 < len(todo):  # read-ahead: the next group's S3 shards arrive while this one is labelled
-                nxt = blobs[todo[i + 1]]
-                nxt.reader.prefetch([nxt.shard(r) for r in range(len(nxt))]) if nxt.reader else None
+            nxt = rows(todo[i + 1]) if i + 1 < len(todo) else None
+            if nxt is not None and reader is not None:  # read-ahead: the next group's S3 shards, while this one runs
+                reader.prefetch(nxt.shards())
             try:
-                logits = _logits(model, blobs[s], cfg, device, tc)
+                logits = _logits(model, blobs, cfg, device, tc)
             except Exception as e:
                 raise StageError(f"{gen}/label shard {s}: {str(e).splitlines()[0][:300]}") from e
             pred, conf, classes, probs = soft_targets(logits, pl.mode, pl.temperature, pl.top_k)
@@ -95,6 +100,7 @@ def label_shards(cfg: Config, gen: str, shards: list[int]) -> list[dict]:
             bar.advance(hi - lo)
             log.info("%s/label shard %d/%d: %d images", gen, s + 1, n, hi - lo)
             results.append({"shard": s, "skipped": False})
+            blobs = nxt
     return sorted(results, key=lambda r: r["shard"])
 
 

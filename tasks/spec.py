@@ -272,13 +272,12 @@ def _dvc_deps(cfg: Config, p: Path) -> list[str]:
     its images share (coarser than the fingerprint, never blind to changed pixels); a folder that would hold
     out_dir (the project itself) cannot be a dep, and then DVC sees the manifest alone."""
     from nst.data import manifest_images
-    from nst.shards import is_s3
+    from nst.shards import is_s3, pattern_folder
 
     if is_s3(p):  # DVC's external dependency: it checks the objects' ETags
-        return [p.split("{", 1)[0].rsplit("/", 1)[0] + "/" if "{" in p else p]
+        return [pattern_folder(p) + "/" if "{" in p else p]
     if "{" in str(p):  # a brace pattern: the folder of its shards
-        return [cfg.rel(Path(str(p).split("{", 1)[0]).parent if not str(p).split("{", 1)[0].endswith("/")
-                        else Path(str(p).split("{", 1)[0]))]
+        return [cfg.rel(Path(pattern_folder(str(p))))]
     listed = manifest_images(p) if p.is_file() else None
     if not listed:
         return [cfg.rel(p)]

@@ -13,7 +13,7 @@ import torch
 from nst.checkpoint import STATE, WEIGHTS, init_model, load_model
 from nst.config import Config
 from nst.data import Blobs, build_train_transform, dataset_for, open_split, read_classes, read_manifest
-from nst.distributed import check_world, setup
+from nst.distributed import setup
 from nst.errors import StageError
 from nst.io import atomic_write_json
 from nst.train import SparseTargets, fit, resolve_device
@@ -77,8 +77,7 @@ def _timing(cfg: Config, gen: str, **times: float) -> None:
 def _fit(cfg: Config, gen: str, role: str, fingerprint: str, **kw) -> dict:
     tc = cfg.train_config(gen)
     device = resolve_device(cfg.device)
-    check_world(cfg.distributed.nnodes, cfg.distributed.nproc_per_node)
-    dist, device = setup(device, cfg.distributed.backend, cfg.distributed.peer_timeout_s)
+    dist, device = setup(device, cfg.distributed)
     if dist.main:
         announce_noise(cfg, gen)
     classes = read_classes(cfg)

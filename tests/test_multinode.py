@@ -153,7 +153,7 @@ def test_a_node_that_cannot_reach_the_rendezvous_names_the_endpoint():
 
     port = free_port()  # nothing listens there
     with pytest.raises(ChildFailed) as ei:
-        _node_agent(["true"], 1, f"127.0.0.1:{port}", dict(os.environ, NST_RDZV_TIMEOUT_S="1"), str(ROOT))
+        _node_agent(["true"], 1, f"127.0.0.1:{port}", dict(os.environ), str(ROOT), 1.0)
     assert ei.value.last_error.startswith(f"error: node 1 cannot reach the rendezvous at 127.0.0.1:{port} (")
 
 
