@@ -1,8 +1,9 @@
 """Training across nodes, on CPU with gloo: two torchrun node agents on 127.0.0.1 (a c10d rendezvous, what srun or
 a PyTorchJob starts) write the same model bytes as one node with two processes, and their stage has the same
 fingerprint; a launch of another size is refused; a node killed mid-epoch fails the stage with no process left
-and a re-run resumes to the bytes of an uninterrupted run; the flow starts the agents on a local Dask cluster of
-2 worker processes, and with fewer workers than nodes it fails within its timeout, saying how many joined.
+and a re-run resumes to the bytes of an uninterrupted run; the flow on a local Dask cluster of 2 worker processes
+runs a generation's tasks in both and starts the agents there, and with fewer workers than nodes it fails within its
+timeout, saying how many joined.
 """
 
 from __future__ import annotations
@@ -116,7 +117,7 @@ def test_a_node_killed_mid_epoch_fails_the_stage_and_a_rerun_resumes_to_the_same
 
     params = tiny_trained.copy(tmp_path / "proj")
     model = params.parent / "outputs" / "g0" / "model"
-    sets = ["distributed.nnodes=2", "teacher.epochs=40"]
+    sets = ["distributed.nnodes=2", "teacher.epochs=20"]
     shutil.rmtree(model)
     ref = _agents(params, tmp_path / "ref", ["train-teacher"], sets)
     assert _wait(ref) == [0, 0], _logs(tmp_path / "ref")
@@ -161,7 +162,10 @@ def test_a_node_that_cannot_reach_the_rendezvous_names_the_endpoint():
 
 @pytest.fixture(scope="module")
 def dask_cluster(prefect_server, tmp_path_factory):
-    cluster = DaskCluster(tmp_path_factory.mktemp("dask"), prefect_server.env())
+    """2 worker processes; every task body that runs on them appends `name<TAB>pid` to `cluster.exec_log`."""
+    d = tmp_path_factory.mktemp("dask")
+    cluster = DaskCluster(d, prefect_server.env(NST_EXECUTION_LOG=str(d / "exec.log")))
+    cluster.exec_log = d / "exec.log"
     try:
         yield cluster
     finally:
@@ -169,13 +173,18 @@ def dask_cluster(prefect_server, tmp_path_factory):
 
 
 def _flow(params: Path, prefect_server, cluster, timeout: float) -> subprocess.CompletedProcess:
-    env = prefect_server.env(NST_TASK_RUNNER="dask", NST_DASK_ADDRESS=cluster.address, NST_MAX_WORKERS="2")
+    env = prefect_server.env(NST_TASK_RUNNER="dask", NST_DASK_ADDRESS=cluster.address, NST_MAX_WORKERS="2",
+                             NST_EXECUTION_LOG=str(cluster.exec_log))
     code = "import sys\nfrom flows.noisy_student import noisy_student\nnoisy_student(sys.argv[1])\n"
     return subprocess.run([sys.executable, "-c", code, str(params)], cwd=params.parent, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
 
-def test_the_flow_starts_the_node_agents_on_dask_workers(prefect_server, dask_cluster, tmp_path):
+def test_the_flow_sends_a_generations_tasks_to_dask_and_starts_the_node_agents_there(prefect_server, dask_cluster,
+                                                                                     tmp_path):
+    """The flow on a Dask cluster: a generation's tasks (filter, training, evaluation, label shard groups) run in
+    the workers' processes, spread over both, and a 2-node training stage there writes what one node with 2
+    processes writes."""
     from conftest import make_tiny_project
 
     one = make_tiny_project(tmp_path / "one", generations=1, extra="distributed: {nproc_per_node: 2}")
@@ -183,8 +192,15 @@ def test_the_flow_starts_the_node_agents_on_dask_workers(prefect_server, dask_cl
                             capture_output=True, text=True, timeout=600)
     assert direct.returncode == 0, direct.stderr[-3000:]
     two = make_tiny_project(tmp_path / "two", generations=1, extra="distributed: {nnodes: 2}")
+    dask_cluster.exec_log.unlink(missing_ok=True)
     p = _flow(two, prefect_server, dask_cluster, 600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    ran = dict(line.split("\t") for line in dask_cluster.exec_log.read_text().splitlines())
+    g1 = {name: int(pid) for name, pid in ran.items() if name.startswith("g1/")}
+    assert {"g1/filter-balance", "g1/train-student", "g1/evaluate", "g1/label-shards-0-0",
+            "g1/label-shards-1-2"} <= set(g1), ran
+    assert set(g1.values()) <= dask_cluster.worker_pids, (g1, dask_cluster.worker_pids)  # ran in Dask's workers
+    assert len(set(g1.values())) == 2  # ... spread over both
     for g in ("g0", "g1"):
         assert _sha(two.parent / "outputs" / g / "model" / "model.safetensors") == \
             _sha(one.parent / "outputs" / g / "model" / "model.safetensors"), g

@@ -1,6 +1,6 @@
-"""Scaling up, tested on CPU: data-parallel training under torchrun (gloo, 2 processes), the flow's shards on a
-real Dask cluster (2 worker processes on 127.0.0.1), starting from a pretrained checkpoint, the photo transforms,
-and one labelling pass per model."""
+"""Scaling up, tested on CPU: data-parallel training under torchrun (gloo, 2 processes), starting from a pretrained
+checkpoint, the photo transforms, and one labelling pass per model. The flow on a real Dask cluster is in
+tests/test_multinode.py."""
 
 from __future__ import annotations
 
@@ -20,7 +20,6 @@ import yaml
 
 from conftest import make_tiny_project
 from nst.config import load_config
-from servers import DaskCluster
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -97,31 +96,6 @@ def test_ddp_student_splits_both_streams_without_overlap():
     r1 = list(EpochBatches(50, 12, 7, seed=3, stream=1, rank=1, world=2))
     for full, a, b in zip(one, r0, r1):
         assert sorted(a + b) == sorted(full) and not set(a) & set(b) and len(a) == len(b) == 6
-
-
-# ---- Dask: shards on other processes ----------------------------------------------------------------------------
-
-@pytest.mark.slow
-def test_the_flow_sends_a_generations_tasks_to_a_dask_cluster(prefect_server, tmp_path):
-    exec_log = tmp_path / "exec.log"
-    cluster = DaskCluster(tmp_path, prefect_server.env(NST_EXECUTION_LOG=str(exec_log)))
-    try:
-        params = make_tiny_project(tmp_path / "proj", generations=1)
-        env = prefect_server.env(NST_TASK_RUNNER="dask", NST_DASK_ADDRESS=cluster.address,
-                                 NST_EXECUTION_LOG=str(exec_log), NST_MAX_WORKERS="2")
-        code = "import sys\nfrom flows.noisy_student import noisy_student\nnoisy_student(sys.argv[1])\n"
-        p = subprocess.run([sys.executable, "-c", code, str(params)], cwd=tmp_path, env=env, capture_output=True,
-                           text=True, timeout=400)
-        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-        ran = dict(line.split("\t") for line in exec_log.read_text().splitlines())
-        g1 = {name: int(pid) for name, pid in ran.items() if name.startswith("g1/")}
-        assert {"g1/filter-balance", "g1/train-student", "g1/evaluate", "g1/label-shards-0-0",
-                "g1/label-shards-1-2"} <= set(g1), ran
-        assert set(g1.values()) <= cluster.worker_pids, (g1, cluster.worker_pids)  # ran in Dask's workers
-        assert len(set(g1.values())) == 2  # ... spread over both
-        assert (params.parent / "outputs/g1/eval/metrics.json").is_file()
-    finally:
-        cluster.stop()
 
 
 # ---- pretrained weights --------------------------------------------------------------------------------------------
