@@ -126,9 +126,10 @@ def generations_shot(out_dir: Path, out: Path, work: Path) -> None:
                              max_results=1)[0]
     port, server = _mlflow_server(uri, work / "mlflow-gen.log")
     try:
-        # No query parameters: what a newcomer sees when opening the run (the experiment's kind picks the layout).
-        shoot(f"http://127.0.0.1:{port}/#/experiments/{exp.experiment_id}/runs/{run.info.run_id}/model-metrics",
-              out, size="1600,1000", budget_ms=30000)
+        # The run's page as it opens, in the UI's "Model training" mode (MLflow 3.17 starts a new browser in GenAI
+        # mode whatever the experiment's kind; the README gives this URL).
+        page = f"#/experiments/{exp.experiment_id}/runs/{run.info.run_id}/model-metrics?workflowType=machine_learning"
+        shoot(f"http://127.0.0.1:{port}/{page}", out, size="1600,1000", budget_ms=30000)
     finally:
         server.stop(20)
 

@@ -189,12 +189,14 @@ def finish_pipeline(cfg: Config, run_id: str | None, status: str = "FINISHED") -
     if rows:
         best = max(rows, key=lambda r: r["test_top1"])
         # One point per model, step = its place in the pipeline (g0 = 0, ...): the run's default charts in MLflow's UI
-        # are then accuracy, calibration and kept fraction by generation - the result, at first look.
+        # are then accuracy, calibration and kept fraction by generation - the result, at first look. The UI sorts its
+        # chart sections by name: "generation" comes before the one-value "summary" bars.
         curve = [Metric(f"generation/{key}", float(r[key]), now, step) for step, r in enumerate(rows)
                  for key in ("test_top1", "test_ece", "kept_fraction") if r.get(key) is not None]
         client.log_batch(run_id, metrics=curve + [
-            Metric("best/test_top1", best["test_top1"], now, 0), Metric("final/test_top1", rows[-1]["test_top1"], now, 0),
-            Metric("final/gain_vs_g0", rows[-1]["test_top1"] - rows[0]["test_top1"], now, 0)])
+            Metric("summary/best_test_top1", best["test_top1"], now, 0),
+            Metric("summary/final_test_top1", rows[-1]["test_top1"], now, 0),
+            Metric("summary/final_gain_vs_g0", rows[-1]["test_top1"] - rows[0]["test_top1"], now, 0)])
         client.set_tag(run_id, "best_generation", best["generation"])
         client.log_text(run_id, markdown_table(rows), "summary/summary.md")
         client.log_dict(run_id, rows, "summary/summary.json")

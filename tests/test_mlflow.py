@@ -248,6 +248,8 @@ def test_sqlite_default_without_server(trained_project, tmp_path, monkeypatch):
         assert curve == [(i, json.loads((cfg.eval_dir(g) / "metrics.json").read_text())[metric])
                          for i, g in enumerate(("g0", "g1"))], key
     assert [m.step for m in client.get_metric_history(parent, "generation/kept_fraction")] == [1]  # students only
+    sections = sorted({k.split("/")[0] for k in client.get_run(parent).data.metrics})
+    assert sections[0] == "generation", sections  # the UI's first chart section (it sorts them by name)
 
 
 # ---- faults -------------------------------------------------------------------------------------------------------
