@@ -129,7 +129,7 @@ def generations_shot(out_dir: Path, out: Path, work: Path) -> None:
         # The run's page as it opens, in the UI's "Model training" mode (MLflow 3.17 starts a new browser in GenAI
         # mode whatever the experiment's kind; the README gives this URL).
         page = f"#/experiments/{exp.experiment_id}/runs/{run.info.run_id}/model-metrics?workflowType=machine_learning"
-        shoot(f"http://127.0.0.1:{port}/{page}", out, size="1600,1000", budget_ms=30000)
+        shoot(f"http://127.0.0.1:{port}/{page}", out, size="1600,1000", budget_ms=90000)
     finally:
         server.stop(20)
 
