@@ -239,8 +239,9 @@ def test_sqlite_default_without_server(trained_project, tmp_path, monkeypatch):
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert load_registered(cfg, "champion")(torch.randn(2, 3, 16, 16)).shape == (2, 10)
 
-    # the first look in MLflow's UI: a model-training experiment (not its GenAI layout), and the parent run's own
-    # charts are the result, one point per generation (step = its place in the pipeline)
+    # the first look in MLflow's UI: the experiment tagged as model training (the UI's GenAI / Model training switch
+    # itself is the browser's: README), and the parent run's own charts are the result, one point per generation
+    # (step = its place in the pipeline)
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
     parent = parents[0].info.run_id
     for key, metric in (("test_top1", "test/top1"), ("test_ece", "test/ece")):

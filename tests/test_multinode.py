@@ -201,6 +201,7 @@ def test_the_flow_sends_a_generations_tasks_to_dask_and_starts_the_node_agents_t
             "g1/label-shards-1-2"} <= set(g1), ran
     assert set(g1.values()) <= dask_cluster.worker_pids, (g1, dask_cluster.worker_pids)  # ran in Dask's workers
     assert len(set(g1.values())) == 2  # ... spread over both
+    assert (two.parent / "outputs/g1/eval/metrics.json").is_file()
     for g in ("g0", "g1"):
         assert _sha(two.parent / "outputs" / g / "model" / "model.safetensors") == \
             _sha(one.parent / "outputs" / g / "model" / "model.safetensors"), g
