@@ -48,6 +48,20 @@ from tasks.spec import Stage, execute, fingerprint, outputs_exist, read_stamp
 RESULTS_DIR = ".prefect-results"
 GPU_TAG = "gpu"  # tasks that run a model: cap them across flow runs with `prefect concurrency-limit create gpu N`
 
+
+def gpu_tags() -> list[str]:
+    """[GPU_TAG] when the server holds an active `gpu` limit as the flow starts, else none. Prefect asks the server
+    for a slot of every tag a task carries; with no limit that request still writes, and on the SQLite server it
+    often fails as "database is locked" and is retried after 2 s: measured, ~2 s before each model stage."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            return [GPU_TAG] if client.read_global_concurrency_limit_by_name(f"tag:{GPU_TAG}").active else []
+        except ObjectNotFound:
+            return []
+
 if __name__ not in ("flows.noisy_student", "__main__"):
     # Loaded from a file path (a deployment's entrypoint): pickle its tasks by value for Dask workers.
     import cloudpickle
@@ -139,8 +153,7 @@ def stage_task(spec: dict[str, Any], stage_name: str, gen: str) -> dict:
     return execute(STAGES[stage_name], config_of(spec), gen)
 
 
-@task(name="stage-command", task_run_name=_stage_name, cache_key_fn=_stage_key, tags=[GPU_TAG],
-      **_STAGE_TASK)
+@task(name="stage-command", task_run_name=_stage_name, cache_key_fn=_stage_key, **_STAGE_TASK)
 def command_task(spec: dict[str, Any], stage_name: str, gen: str, run_id: str | None = None) -> dict:
     """A model stage as its own `nst` process (under torchrun for multi-process training)."""
     from nst.tracking import RUN_ENV
@@ -170,8 +183,7 @@ def _group_name() -> str:
     return f"{p['gen']}/label-shards-{p['shards'][0]}-{p['shards'][-1]}"
 
 
-@task(name="label-shards", task_run_name=_group_name, cache_key_fn=_group_key,
-      tags=[GPU_TAG], **_STAGE_TASK)
+@task(name="label-shards", task_run_name=_group_name, cache_key_fn=_group_key, **_STAGE_TASK)
 def label_group_task(spec: dict[str, Any], gen: str, shards: list[int], gpu: str | None = None) -> dict:
     _begin(f"{gen}/label-shards-{shards[0]}-{shards[-1]}")
     argv = stage_argv(LABEL, gen, spec["params_path"], spec["overrides"], ["--shards", ",".join(map(str, shards))])
@@ -253,7 +265,7 @@ def _label(spec: dict[str, Any], cfg: Config, gen: str) -> None:
     futures = {}
     for i, group in enumerate(groups):
         done = all(shard_path(cfg, gen, s, n).is_file() for s in group)
-        t = label_group_task.with_options(result_storage=cfg.out_dir / RESULTS_DIR,
+        t = label_group_task.with_options(result_storage=cfg.out_dir / RESULTS_DIR, tags=spec.get("gpu_tags", []),
                                           **({} if done else {"refresh_cache": True}))
         f = t.submit(spec, gen, group, str(i % ngpu) if ngpu > 1 else None)
         futures[f.task_run_id] = (f, group)
@@ -293,7 +305,8 @@ def _run_steps(spec: dict[str, Any], cfg: Config, todo: list, parent: str | None
         elif stage.model:
             if stage in TRAINING and cfg.tracking.enabled:
                 runs[gen] = open_run_task(spec, gen, parent, runs.get(cfg.made_from(gen)))  # None for g0
-            _stage(command_task, cfg, stage, gen)(spec, stage.name, gen, runs.get(gen) if stage in TRAINING else None)
+            model_task = command_task.with_options(tags=spec.get("gpu_tags", []))
+            _stage(model_task, cfg, stage, gen)(spec, stage.name, gen, runs.get(gen) if stage in TRAINING else None)
             if stage.name == "evaluate":
                 _publish(cfg, gen)
         else:
@@ -340,7 +353,7 @@ def noisy_student(params_path: str = "params.yaml", overrides: dict[str, Any] | 
     all_steps = steps(cfg)
     with run_lock(cfg.out_dir) as token:
         spec = {"params_path": str(Path(params_path).resolve()), "overrides": overrides or {},
-                "parent_run_id": parent_run_id, "tags": tags or {}, "run_token": token}
+                "parent_run_id": parent_run_id, "tags": tags or {}, "run_token": token, "gpu_tags": gpu_tags()}
         logger.info("params %s -> outputs %s (%d generations)", spec["params_path"], cfg.out_dir, len(cfg.generations))
         parent = start_tracking_task(spec, str(flow_run.id)) if cfg.tracking.enabled else None
         runs: dict[str, str | None] = {}

@@ -1,7 +1,8 @@
 """The README's deployment path, for real: a Prefect server, a process work pool, `prefect deploy` of this
 repository's prefect.yaml (deployment `local`), a worker, and `prefect deployment run ... --watch` on the tiny
-toy project (1 generation). Then the Prefect API must show a Completed run with the expected subflow and task
-runs, artifacts and `nst` logs, and the outputs must be on disk. Every process is stopped by PID.
+toy project (1 generation), with a `gpu` concurrency limit on the server as the README suggests. Then the Prefect
+API must show a Completed run with the expected subflow and task runs (the model stages tagged `gpu`, no other),
+artifacts and `nst` logs, and the outputs must be on disk. Every process is stopped by PID.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def _prefect(args: list[str], env: dict[str, str], timeout: float = 120) -> subp
     return p
 
 
-def test_deployment_runs_the_flow_end_to_end(prefect_server, tmp_path):
+def test_deployment_runs_the_flow_end_to_end(prefect_server, tmp_path, request):
     params = make_tiny_project(tmp_path / "proj", generations=1)
     tmpdir = tmp_path / "tmp"  # the runner writes $TMPDIR/runner_storage
     tmpdir.mkdir()
@@ -39,6 +40,14 @@ def test_deployment_runs_the_flow_end_to_end(prefect_server, tmp_path):
 
     _prefect(["work-pool", "create", POOL, "--type", "process", "--overwrite"], env)
     _prefect(["--no-prompt", "deploy", "--name", "local"], env)
+    from flows.noisy_student import GPU_TAG, gpu_tags
+
+    with client_for(prefect_server.api_url):
+        assert gpu_tags() == []  # no limit: no tag, so no slot to ask the server for before each model stage
+    _prefect(["concurrency-limit", "create", GPU_TAG, "2"], env)  # 2: the two label shard groups side by side
+    request.addfinalizer(lambda: _prefect(["--no-prompt", "concurrency-limit", "delete", GPU_TAG], env))  # the server is shared
+    with client_for(prefect_server.api_url):
+        assert gpu_tags() == [GPU_TAG]
 
     worker = start_prefect_worker(tmpdir, prefect_server.api_url, prefect_server.home, POOL, cwd=tmp_path,
                                   env={"NST_EXECUTION_LOG": str(exec_log)})
@@ -68,6 +77,9 @@ def test_deployment_runs_the_flow_end_to_end(prefect_server, tmp_path):
                                 "g1/evaluate", "g1/label-shards-0-0", "g1/label-shards-1-2", "g1/label",
                                 "dvc-record"]), names
         assert all(t.state.is_completed() for t in trs), [(t.name, t.state.name) for t in trs if not t.state.is_completed()]
+        model = {"g0/train-teacher", "g0/evaluate", "g1/train-student", "g1/evaluate"}
+        tagged = sorted(t.name for t in trs if GPU_TAG in t.tags)
+        assert tagged == sorted(model | {n for n in names if "/label-shards-" in n}), tagged
         arts = {a.key: a for a in artifacts(client, run_ids) if a.key}
         assert {"g0-summary", "g1-summary", "g1-label-progress", "generation-table"} <= set(arts), sorted(arts)
         assert float(arts["g1-label-progress"].data) == 100.0
