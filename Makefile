@@ -6,7 +6,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-PYTEST := $(BIN)/python -m pytest -q
+# two pytest-xdist workers, a whole test file each at a time; the tests' stages use 1 torch thread each
+PYTEST := $(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 .PHONY: run test test-fast install clean
 

@@ -42,7 +42,9 @@ def _cfg(args, *, check_models: bool = True, device: bool = False, sources: bool
     if cfg.threads:
         import torch
 
-        torch.set_num_threads(cfg.threads)
+        # `threads` is the stage's budget on this machine: torchrun's processes here share it (each taking all of it
+        # oversubscribes the cores, and OpenMP's spinning made 2 ranks on 2 cores 2.9x slower than 1 thread each).
+        torch.set_num_threads(max(1, cfg.threads // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     return cfg
 
 

@@ -86,26 +86,23 @@ def _logs(d: Path) -> str:
     return "\n".join(f.read_text(errors="replace") for f in sorted(d.glob("*.log")))
 
 
-def test_two_node_agents_train_what_one_node_with_two_processes_trains(tiny_trained, tmp_path):
+def test_two_node_agents_train_what_one_node_with_two_processes_trains(tiny_trained_ddp, tmp_path):
     import shutil
 
-    params = tiny_trained.copy(tmp_path / "proj")
+    params = tiny_trained_ddp.copy(tmp_path / "proj")  # its teacher: trained by one node with 2 processes
     model = params.parent / "outputs" / "g0" / "model"
-    shutil.rmtree(model)
-    one = subprocess.run([sys.executable, "-m", "cli", "train-teacher", "-q", "-p", str(params), "-S",
-                          "distributed.nproc_per_node=2"], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert one.returncode == 0, one.stderr[-3000:]
     want, fp = _sha(model / "model.safetensors"), json.loads((model / "config.json").read_text())["fingerprint"]
 
     shutil.rmtree(model)
-    nodes = _agents(params, tmp_path / "logs", ["train-teacher"], ["distributed.nnodes=2"])
+    nodes = _agents(params, tmp_path / "logs", ["train-teacher"], ["distributed.nnodes=2",
+                                                                    "distributed.nproc_per_node=1"])
     assert _wait(nodes) == [0, 0], _logs(tmp_path / "logs")
     assert _sha(model / "model.safetensors") == want
     assert json.loads((model / "config.json").read_text())["fingerprint"] == fp  # the world size, not its split
 
     # launched with 2 processes while the config says 1: refused before training, one line each
     shutil.rmtree(model)
-    wrong = _agents(params, tmp_path / "wrong", ["train-teacher"], [])
+    wrong = _agents(params, tmp_path / "wrong", ["train-teacher"], ["distributed.nproc_per_node=1"])
     assert _wait(wrong) != [0, 0]
     assert ("error: torchrun started WORLD_SIZE=2 processes, but distributed.nnodes x nproc_per_node = 1 x 1 = 1"
             in _logs(tmp_path / "wrong"))
@@ -181,17 +178,19 @@ def _flow(params: Path, prefect_server, cluster, timeout: float) -> subprocess.C
 
 
 def test_the_flow_sends_a_generations_tasks_to_dask_and_starts_the_node_agents_there(prefect_server, dask_cluster,
-                                                                                     tmp_path):
+                                                                                     tiny_trained_ddp, tmp_path):
     """The flow on a Dask cluster: a generation's tasks (filter, training, evaluation, label shard groups) run in
     the workers' processes, spread over both, and a 2-node training stage there writes what one node with 2
     processes writes."""
-    from conftest import make_tiny_project
+    import shutil
 
-    one = make_tiny_project(tmp_path / "one", generations=1, extra="distributed: {nproc_per_node: 2}")
-    direct = subprocess.run([sys.executable, "-m", "cli", "run", "--no-prefect", "-p", str(one)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=600)
-    assert direct.returncode == 0, direct.stderr[-3000:]
-    two = make_tiny_project(tmp_path / "two", generations=1, extra="distributed: {nnodes: 2}")
+    import yaml
+
+    two = tiny_trained_ddp.copy(tmp_path / "two")
+    raw = yaml.safe_load(two.read_text())
+    raw["distributed"] = {"nnodes": 2}  # the same world of 2, over 2 nodes: g0 stays up to date, g1 runs again
+    two.write_text(yaml.safe_dump(raw, sort_keys=False))
+    shutil.rmtree(two.parent / "outputs" / "g1")
     dask_cluster.exec_log.unlink(missing_ok=True)
     p = _flow(two, prefect_server, dask_cluster, 600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
@@ -204,7 +203,7 @@ def test_the_flow_sends_a_generations_tasks_to_dask_and_starts_the_node_agents_t
     assert (two.parent / "outputs/g1/eval/metrics.json").is_file()
     for g in ("g0", "g1"):
         assert _sha(two.parent / "outputs" / g / "model" / "model.safetensors") == \
-            _sha(one.parent / "outputs" / g / "model" / "model.safetensors"), g
+            _sha(tiny_trained_ddp.root / "outputs" / g / "model" / "model.safetensors"), g
 
 
 def test_too_few_dask_workers_fail_the_stage_within_its_timeout(prefect_server, dask_cluster, tmp_path):

@@ -141,13 +141,17 @@ def test_kill_9_mid_student_then_rerun_skips_finished_tasks_and_matches(prefect_
     assert json.loads((out / "g1" / "eval" / "metrics.json").read_text()) == want
 
 
-def test_a_failing_shard_fails_the_flow_and_names_the_shard(prefect_server, tmp_path):
-    params = make_tiny_project(tmp_path / "proj", generations=1)
-    assert _run(prefect_server, params, tmp_path / "a.exec", {"generations": []}, tmp_path / "a.log") == 0, \
-        (tmp_path / "a.log").read_text()[-3000:]
+def test_a_failing_shard_fails_the_flow_and_names_the_shard(prefect_server, tiny_trained, tmp_path):
     import shutil
 
-    shutil.rmtree(params.parent / "outputs" / "g0" / "labels")  # the teacher labels again, now with a damaged image
+    from nst.config import load_config
+    from tasks.prepare import PREPARE
+    from tasks.spec import execute
+
+    params = tiny_trained.copy(tmp_path / "proj")
+    execute(PREPARE, load_config(params))  # the scan of the copy's own folder, so the damage below stays unseen
+    for gone in ("g0/labels", "g1", "g2"):  # the teacher labels again, now with a damaged image
+        shutil.rmtree(params.parent / "outputs" / gone)
 
     # A real fault: bit rot in one unlabeled image of shard 1 (size and mtime kept, so nothing upstream notices).
     out = params.parent / "outputs"
@@ -164,7 +168,10 @@ def test_a_failing_shard_fails_the_flow_and_names_the_shard(prefect_server, tmp_
     assert "g0/label-shard-0" not in text and "g0/label-shard-2" not in text.split("ShardFailure")[-1]
     assert victim.name in text  # the child's error names the image
     executed = _executed(tmp_path / "b.exec")
-    assert sorted(executed) == ["g0/label-shards-0-0", "g0/label-shards-1-2"]
+    # what ran before the labels found themselves up to date; both shard groups ran, nothing after them
+    assert sorted(executed) == ["g0/evaluate", "g0/label-shards-0-0", "g0/label-shards-1-2", "g0/train-teacher",
+                                "prepare"]
+    assert "g0/train-teacher: up to date, skipping" in text and "g0/evaluate: up to date, skipping" in text
     labels = out / "g0" / "labels"
     assert sorted(p.name for p in labels.glob("shard-*.parquet")) == ["shard-00000-of-00003.parquet"]
     assert not (out / "g1").exists()  # nothing downstream ran
