@@ -269,8 +269,8 @@ def _label(spec: dict[str, Any], cfg: Config, gen: str) -> None:
     futures = {}
     for i, group in enumerate(groups):
         done = all(shard_path(cfg, gen, s, n).is_file() for s in group)
-        t = label_group_task.with_options(result_storage=cfg.out_dir / RESULTS_DIR, tags=spec.get("gpu_tags", []),
-                                          **({} if done else {"refresh_cache": True}))
+        t = _on_gpu(label_group_task, spec, result_storage=cfg.out_dir / RESULTS_DIR,
+                    **({} if done else {"refresh_cache": True}))
         f = t.submit(spec, gen, group, str(i % ngpu) if ngpu > 1 else None)
         futures[f.task_run_id] = (f, group)
     failed, finished = [], 0
@@ -287,6 +287,12 @@ def _label(spec: dict[str, Any], cfg: Config, gen: str) -> None:
         names = ", ".join(f"{gen}/label-shard-{s}" for s in bad) or ", ".join(f"shards {g[0]}-{g[-1]}" for g, _ in failed)
         raise ShardFailure(f"{len(bad) or len(failed)} label shard(s) failed: {names} ({failed[0][1]})")
     _stage(label_finish_task, cfg, LABEL, gen)(spec, LABEL.name, gen)
+
+
+def _on_gpu(task_fn, spec: dict[str, Any], **options):
+    """A task that runs a model (training, evaluation, a label shard group): tagged `gpu` when the flow found a `gpu`
+    limit at its start (spec["gpu_tags"], see gpu_tags), so that limit caps exactly these."""
+    return task_fn.with_options(tags=spec["gpu_tags"], **options)
 
 
 def _publish(cfg: Config, gen: str) -> None:
@@ -309,8 +315,8 @@ def _run_steps(spec: dict[str, Any], cfg: Config, todo: list, parent: str | None
         elif stage.model:
             if stage in TRAINING and cfg.tracking.enabled:
                 runs[gen] = open_run_task(spec, gen, parent, runs.get(cfg.made_from(gen)))  # None for g0
-            model_task = command_task.with_options(tags=spec.get("gpu_tags", []))
-            _stage(model_task, cfg, stage, gen)(spec, stage.name, gen, runs.get(gen) if stage in TRAINING else None)
+            run_id = runs.get(gen) if stage in TRAINING else None
+            _stage(_on_gpu(command_task, spec), cfg, stage, gen)(spec, stage.name, gen, run_id)
             if stage.name == "evaluate":
                 _publish(cfg, gen)
         else:

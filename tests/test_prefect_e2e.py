@@ -45,7 +45,8 @@ def test_deployment_runs_the_flow_end_to_end(prefect_server, tmp_path, request):
     with client_for(prefect_server.api_url):
         assert gpu_tags() == []  # no limit: no tag, so no slot to ask the server for before each model stage
     _prefect(["concurrency-limit", "create", GPU_TAG, "2"], env)  # 2: the two label shard groups side by side
-    request.addfinalizer(lambda: _prefect(["--no-prompt", "concurrency-limit", "delete", GPU_TAG], env))  # the server is shared
+    # the server is shared by the whole session: the limit goes when this test ends, passed or failed
+    request.addfinalizer(lambda: _prefect(["--no-prompt", "concurrency-limit", "delete", GPU_TAG], env))
     with client_for(prefect_server.api_url):
         assert gpu_tags() == [GPU_TAG]
 
