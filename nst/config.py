@@ -393,8 +393,9 @@ class Config(_Strict):
     seed: int = Field(0, ge=0, le=2**32 - 1)
     device: str = Field("auto", description="auto (CUDA when present) | cpu | cuda | cuda:N")
     out_dir: Path = Path("outputs")
-    threads: int | None = Field(None, ge=1, le=1024, description="torch CPU threads of a stage on one machine, shared by torchrun's "
-                                   "processes there (threads // nproc_per_node each); null = torch's default.")
+    threads: int | None = Field(None, ge=1, le=1024,
+                                description="torch CPU threads of a stage on one machine, shared by torchrun's "
+                                            "processes there (threads // nproc_per_node each); null = torch's default.")
     data: DataConfig
     teacher: TrainConfig = Field(default_factory=TrainConfig)
     pseudo_label: PseudoLabelConfig = Field(default_factory=PseudoLabelConfig)

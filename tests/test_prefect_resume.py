@@ -168,7 +168,7 @@ def test_a_failing_shard_fails_the_flow_and_names_the_shard(prefect_server, tiny
     assert "g0/label-shard-0" not in text and "g0/label-shard-2" not in text.split("ShardFailure")[-1]
     assert victim.name in text  # the child's error names the image
     executed = _executed(tmp_path / "b.exec")
-    # what ran before the labels found themselves up to date; both shard groups ran, nothing after them
+    # the stages before the labels ran only their skip check (up to date); both shard groups ran; nothing after them
     assert sorted(executed) == ["g0/evaluate", "g0/label-shards-0-0", "g0/label-shards-1-2", "g0/train-teacher",
                                 "prepare"]
     assert "g0/train-teacher: up to date, skipping" in text and "g0/evaluate: up to date, skipping" in text
